@@ -89,7 +89,8 @@ def test_escaping_symlink_is_rejected(upstream: Path, tmp_path: Path) -> None:
     url = f"file://{upstream}"
     f = fetcher(tmp_path)
     commit = f.resolve(url, "main")
-    with pytest.raises(GitFetchError, match=re.escape("'src/evil' -> '../../etc/passwd' points outside")):
+    expected = re.escape("'src/evil' -> '../../etc/passwd' points outside")
+    with pytest.raises(GitFetchError, match=expected):
         f.export(url, commit, tmp_path / "out")
 
 
