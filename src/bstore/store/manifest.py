@@ -24,7 +24,7 @@ import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import NewType
 
@@ -53,7 +53,7 @@ class InvalidTreeError(BstoreError):
     """A tree (or manifest) that cannot be stored: bad names, types or links."""
 
 
-class EntryType(str, Enum):
+class EntryType(StrEnum):
     """Kinds of tree entries a store path may contain."""
 
     DIRECTORY = "d"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import NewType
 
 import blake3
@@ -38,7 +38,7 @@ class InvalidStorePath(BstoreError):
     """A store path, digest or name that is not valid."""
 
 
-class PathKind(str, Enum):
+class PathKind(StrEnum):
     """What a store path's digest was computed over."""
 
     SOURCE = "source"  # fixed output: the MCID of the content

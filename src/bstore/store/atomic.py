@@ -1,0 +1,351 @@
+"""Filesystem primitives for writing into the store: copy-and-hash, canonical modes,
+durability (``syncfs``), and removal of read-only trees.
+
+Nothing else writes store trees. The copier reads each source file exactly once: the same
+buffer is hashed and written, so the manifest describes the bytes that were written (a
+source changing underneath cannot make the copy and its recorded hash disagree), and the
+copy is created directly with its canonical mode.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import blake3
+
+from bstore.store.layout import StoreError
+from bstore.store.manifest import (
+    EntryType,
+    InvalidTreeError,
+    Manifest,
+    ManifestEntry,
+    symlink_escapes,
+    validate_entry_path,
+)
+
+#: Canonical timestamp of everything in the store (1 s after the epoch, like Nix).
+CANONICAL_MTIME_NS = 1_000_000_000
+_TIMES = (CANONICAL_MTIME_NS, CANONICAL_MTIME_NS)
+#: Files up to this size are read in one ``read``; bigger ones stream in chunks of it.
+_CHUNK = 1 << 20
+#: blake3 multithreading pays off only for big files (thread start-up dominates below).
+_THREADED_HASH_MIN = 1 << 27
+
+Progress = Callable[[int, int], None]
+"""Progress callback: ``(files_done, bytes_done)``."""
+
+_libc: ctypes.CDLL | None = None
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        if name is None:
+            return None
+        _libc = ctypes.CDLL(name, use_errno=True)
+    return _libc
+
+
+def syncfs(path: Path) -> None:
+    """Flush the whole filesystem holding ``path`` (one ``syncfs(2)``; ``sync`` fallback).
+
+    For a tree of thousands of files this is far cheaper than fsyncing each file and
+    directory, and it covers every write made so far on that filesystem.
+    """
+    libc = _load_libc()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc is not None and hasattr(libc, "syncfs"):
+            if libc.syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise StoreError(f"syncfs of {str(path)!r} failed: {os.strerror(err)}")
+        else:  # pragma: no cover - every Linux libc has syncfs
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync one file or directory (e.g. a directory after a rename in it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; this happens once per process.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file or tree, even read-only (0555) and deeply nested, without recursion."""
+    top = os.fsencode(path)
+    try:
+        st = os.lstat(top)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(top)
+        return
+    # Iterative post-order walk: a 100k-deep hostile tree must not hit the stack limit.
+    stack: list[tuple[bytes, bool]] = [(top, False)]
+    while stack:
+        current, expanded = stack.pop()
+        if expanded:
+            os.rmdir(current)
+            continue
+        os.chmod(current, 0o700)
+        stack.append((current, True))
+        with os.scandir(current) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, False))
+                else:
+                    os.unlink(entry.path)
+
+
+def _describe(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "of an unknown type"
+
+
+def _show(rel: bytes) -> str:
+    return rel.decode("utf-8", "backslashreplace") or "."
+
+
+def _copy_file(src: bytes, dst: bytes, st: os.stat_result, rel: bytes, shown_root: str,
+               executable: bool) -> tuple[int, str]:
+    """Copy one regular file, hashing the written bytes; return (size, blake3 hex)."""
+    try:
+        sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InvalidTreeError(f"{shown_root}: cannot read {_show(rel)!r}: {exc.strerror}"
+                               ) from exc
+    try:
+        fst = os.fstat(sfd)
+        if (fst.st_ino, fst.st_dev) != (st.st_ino, st.st_dev):
+            raise InvalidTreeError(f"{shown_root}: {_show(rel)!r} changed while being added",
+                                   hint="retry when nothing is writing to the tree")
+        mode = 0o555 if executable else 0o444
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            if fst.st_size < _CHUNK:
+                data = os.read(sfd, _CHUNK)
+                size = len(data)
+                digest = blake3.blake3(data).hexdigest()
+                if data:
+                    written = os.write(dfd, data)
+                    while written < size:
+                        written += os.write(dfd, memoryview(data)[written:])
+            else:
+                threads = blake3.blake3.AUTO if fst.st_size >= _THREADED_HASH_MIN else 1
+                hasher = blake3.blake3(max_threads=threads)
+                buf = bytearray(_CHUNK * 8)
+                view = memoryview(buf)
+                size = 0
+                while True:
+                    n = os.readv(sfd, [buf])
+                    if not n:
+                        break
+                    chunk = view[:n]
+                    hasher.update(chunk)
+                    written = 0
+                    while written < n:
+                        written += os.write(dfd, chunk[written:])
+                    size += n
+                digest = hasher.hexdigest()
+            if _UMASK & mode:
+                os.fchmod(dfd, mode)
+            os.utime(dfd, ns=_TIMES)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+    return size, str(digest)
+
+
+def copy_tree(src: Path, dst: Path, progress: Progress | None = None) -> Manifest:
+    """Copy the file or tree ``src`` to the new path ``dst`` in canonical form.
+
+    Files get 0444/0555, symlinks and files mtime 1, sub-directories 0555 and mtime 1;
+    the top directory stays writable (it must be, to be renamed into ``store/``; see
+    :func:`finish_root`). Rejects what :func:`~bstore.store.manifest.scan_tree` rejects,
+    naming the entry. On error, ``dst`` may be partly written: the caller removes it.
+    """
+    src_b = os.fsencode(src)
+    dst_b = os.fsencode(dst)
+    shown_root = os.fsdecode(src_b)
+    try:
+        st = os.lstat(src_b)
+    except OSError as exc:
+        raise InvalidTreeError(f"cannot read {shown_root!r}: {exc.strerror}",
+                               hint="check the path") from exc
+    entries: list[ManifestEntry] = []
+    links: dict[tuple[int, int], list[int]] = {}
+    dirs: list[bytes] = []
+    files = 0
+    total = 0
+    # (relative path, absolute source, absolute destination, lstat)
+    todo: list[tuple[bytes, bytes, bytes, os.stat_result]] = [(b"", src_b, dst_b, st)]
+    while todo:
+        rel, s_abs, d_abs, est = todo.pop()
+        mode = est.st_mode
+        if stat.S_ISREG(mode):
+            if est.st_nlink > 1:
+                links.setdefault((est.st_dev, est.st_ino), [est.st_nlink, 0])[1] += 1
+            executable = bool(mode & stat.S_IXUSR)
+            size, digest = _copy_file(s_abs, d_abs, est, rel, shown_root, executable)
+            entries.append(ManifestEntry(
+                rel, EntryType.EXECUTABLE if executable else EntryType.FILE, size, digest))
+            files += 1
+            total += size
+            if progress is not None and files % 256 == 0:
+                progress(files, total)
+        elif stat.S_ISDIR(mode):
+            os.mkdir(d_abs, 0o755)
+            if _UMASK & 0o700:
+                os.chmod(d_abs, 0o755)
+            if rel:
+                dirs.append(d_abs)
+            entries.append(ManifestEntry(rel, EntryType.DIRECTORY, 0, None))
+            try:
+                with os.scandir(s_abs) as it:
+                    children = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+            except OSError as exc:
+                raise InvalidTreeError(
+                    f"{shown_root}: cannot read directory {_show(rel)!r}: {exc.strerror}"
+                ) from exc
+            for name, cst in children:
+                child = rel + b"/" + name if rel else name
+                validate_entry_path(child)
+                todo.append((child, s_abs + b"/" + name, d_abs + b"/" + name, cst))
+        elif stat.S_ISLNK(mode):
+            target = os.readlink(s_abs)
+            if symlink_escapes(rel, target):
+                raise InvalidTreeError(
+                    f"{shown_root}: symlink {_show(rel)!r} -> "
+                    f"{target.decode('utf-8', 'backslashreplace')!r} points outside the tree",
+                    hint="store paths may only contain links that stay inside them",
+                )
+            os.symlink(target, d_abs)
+            os.utime(d_abs, ns=_TIMES, follow_symlinks=False)
+            entries.append(ManifestEntry(rel, EntryType.SYMLINK, len(target),
+                                         blake3.blake3(target).hexdigest()))
+            total += len(target)
+        else:
+            raise InvalidTreeError(
+                f"{shown_root}: {_show(rel)!r} is {_describe(mode)}",
+                hint="store paths hold only directories, regular files and symlinks",
+            )
+    for nlink, seen in links.values():
+        if seen < nlink:
+            raise InvalidTreeError(
+                f"{shown_root}: a file in the tree is hardlinked from outside it"
+                f" ({nlink} links, {seen} inside)",
+                hint="copy the file (cp without -l) before adding the tree",
+            )
+    # Directories last: creating entries in them changed their mtime.
+    for d in dirs:
+        os.chmod(d, 0o555)
+        os.utime(d, ns=_TIMES)
+    if progress is not None:
+        progress(files, total)
+    entries.sort(key=lambda e: e.path)
+    return Manifest(tuple(entries))
+
+
+def canonicalise_tree(top: Path) -> None:
+    """Give a staged tree canonical modes, mtime 1 and no xattrs (top dir left writable).
+
+    Used on trees others staged (imports, builds). Hardlinks inside the tree are fine:
+    each inode just gets the same treatment twice.
+    """
+    top_b = os.fsencode(top)
+    stack = [top_b]
+    dirs: list[bytes] = []
+    while stack:
+        current = stack.pop()
+        st = os.lstat(current)
+        mode = st.st_mode
+        if stat.S_ISLNK(mode):
+            os.utime(current, ns=_TIMES, follow_symlinks=False)
+            continue
+        _strip_xattrs(current)
+        if stat.S_ISDIR(mode):
+            os.chmod(current, 0o755)
+            dirs.append(current)
+            with os.scandir(current) as it:
+                stack.extend(e.path for e in it)
+        elif stat.S_ISREG(mode):
+            os.chmod(current, 0o555 if mode & stat.S_IXUSR else 0o444)
+            os.utime(current, ns=_TIMES)
+        else:
+            raise InvalidTreeError(f"{os.fsdecode(current)!r} is {_describe(mode)}")
+    for d in reversed(dirs):
+        if d != top_b:
+            os.chmod(d, 0o555)
+        os.utime(d, ns=_TIMES)
+
+
+def _strip_xattrs(path: bytes) -> None:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return
+        raise
+    for name in names:
+        os.removexattr(path, name, follow_symlinks=False)
+
+
+def finish_root(path: Path) -> None:
+    """After the rename into ``store/``: make the top dir read-only, mtime 1, durable."""
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode):
+        os.chmod(path, 0o555)
+        os.utime(path, ns=_TIMES)
+        fsync_path(path)
+
+
+def make_writable_dir(path: Path) -> None:
+    """Let a store directory be renamed (moving a directory rewrites its ``..`` entry)."""
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode):
+        os.chmod(path, 0o755)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (``renameat2(RENAME_EXCHANGE)``); ``False`` if unsupported."""
+    libc = _load_libc()
+    if libc is None or not hasattr(libc, "renameat2"):
+        return False
+    rc = libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
