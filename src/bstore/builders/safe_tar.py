@@ -202,8 +202,7 @@ def _write_stream(src: IO[bytes], path: Path, mode: int, size: int, name: str, l
             chunk = src.read(min(_CHUNK, size - written))
             if not chunk:
                 raise UnsafeArchiveError(
-                    f"archive {label!r}: member {name!r} is truncated "
-                    f"({written} of {size} bytes)"
+                    f"archive {label!r}: member {name!r} is truncated ({written} of {size} bytes)"
                 )
             out.write(chunk)
             written += len(chunk)
