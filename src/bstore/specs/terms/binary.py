@@ -1,0 +1,153 @@
+"""Building the value of a binary literal ``<<...>>`` from its segments, as eval_bits does.
+
+``file:consult/1`` evaluates binary literals with OTP's ``eval_bits``: every segment has
+a type (integer, float, binary, utf8/16/32), a size times a unit, a signedness and an
+endianness, with the defaults of ``erl_bits``. The segments are concatenated bit by bit;
+our term model has only byte binaries, so a total that is not a whole number of bytes
+(a bitstring) is refused.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from bstore.specs.terms.lexer import is_unicode_scalar
+
+_TYPES = {"integer", "float", "binary", "utf8", "utf16", "utf32"}
+_ALIASES = {"bytes": ("binary", 8), "bitstring": ("binary", 1), "bits": ("binary", 1)}
+_SIGNS = {"signed", "unsigned"}
+_ENDIANS = {"big", "little", "native"}
+# The machines bstore targets (x86-64, aarch64) are little-endian.
+_NATIVE = "little"
+
+
+class SegmentError(ValueError):
+    """A segment ``eval_bits`` would refuse; the parser adds the position."""
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentType:
+    """The resolved type of one segment (``erl_bits:set_bit_type/2`` with defaults)."""
+
+    type: str
+    unit: int | None
+    signed: bool
+    endian: str
+
+    @staticmethod
+    def resolve(specifiers: list[tuple[str, int | None]], has_size: bool) -> SegmentType:
+        """Merge type specifiers like ``integer``, ``little``, ``unit:8``; refuse conflicts."""
+        fields: dict[str, str | int] = {}
+
+        def merge(field: str, value: str | int) -> None:
+            if fields.setdefault(field, value) != value:
+                raise SegmentError(f"conflicting {field} specifiers in binary segment")
+
+        for name, unit in specifiers:
+            if name == "unit":
+                if unit is None or not 1 <= unit <= 256:
+                    raise SegmentError("unit must be written unit:N with 1 =< N =< 256")
+                merge("unit", unit)
+            elif unit is not None:
+                raise SegmentError(f"unknown binary type specifier '{name}:{unit}'")
+            elif name in _TYPES:
+                merge("type", name)
+            elif name in _ALIASES:
+                merge("type", _ALIASES[name][0])
+                merge("unit", _ALIASES[name][1])
+            elif name in _SIGNS:
+                merge("sign", name)
+            elif name in _ENDIANS:
+                merge("endian", name)
+            else:
+                raise SegmentError(f"unknown binary type specifier '{name}'")
+        kind = str(fields.get("type", "integer"))
+        unit_value = fields.get("unit")
+        unit = int(unit_value) if unit_value is not None else None
+        if kind.startswith("utf") and (has_size or unit is not None):
+            raise SegmentError(f"a {kind} segment takes no size or unit")
+        if kind in ("integer", "float") and not has_size and unit is not None:
+            raise SegmentError("a unit needs an explicit size")
+        endian = str(fields.get("endian", "big"))
+        return SegmentType(
+            kind, unit, fields.get("sign") == "signed", _NATIVE if endian == "native" else endian
+        )
+
+
+def _integer_bits(value: int, nbits: int, endian: str) -> int:
+    """``<<Value:NBits>>`` as an unsigned int of ``nbits`` bits (value truncated)."""
+    value &= (1 << nbits) - 1
+    if endian == "big" or nbits <= 8:
+        return value
+    # Little endian: whole bytes least significant first, then the leftover top bits.
+    whole, rest = divmod(nbits, 8)
+    out = 0
+    for index in range(whole):
+        out = (out << 8) | ((value >> (8 * index)) & 0xFF)
+    if rest:
+        out = (out << rest) | (value >> (8 * whole))
+    return out
+
+
+def segment_bits(value: object, size: int | None, seg: SegmentType) -> tuple[int, int]:
+    """The bits of one segment as ``(bits, count)``; raises :class:`SegmentError`."""
+    kind = seg.type
+    if kind == "integer":
+        if type(value) is not int:
+            raise SegmentError(f"integer segment needs an integer, got {value!r}")
+        nbits = (8 if size is None else size) * (seg.unit or 1)
+        return _integer_bits(value, nbits, seg.endian), nbits
+    if kind == "float":
+        if type(value) not in (int, float):
+            raise SegmentError(f"float segment needs a number, got {value!r}")
+        nbits = (64 if size is None else size) * (seg.unit or 1)
+        codes = {16: "e", 32: "f", 64: "d"}
+        if nbits not in codes:
+            raise SegmentError(f"float segment must be 16, 32 or 64 bits, not {nbits}")
+        try:
+            packed = struct.pack(("<" if seg.endian == "little" else ">") + codes[nbits], value)
+        except (OverflowError, struct.error) as exc:
+            raise SegmentError(f"{value!r} does not fit a {nbits}-bit float") from exc
+        return int.from_bytes(packed, "big"), nbits
+    if kind == "binary":
+        if not isinstance(value, bytes):
+            raise SegmentError(f"binary segment needs a binary, got {value!r}")
+        unit = seg.unit or 8
+        have = len(value) * 8
+        bits = int.from_bytes(value, "big")
+        if size is None:
+            if have % unit:
+                raise SegmentError(f"binary of {have} bits is not a multiple of unit {unit}")
+            return bits, have
+        want = size * unit
+        if want > have:
+            raise SegmentError(f"binary segment wants {want} bits, the binary has {have}")
+        return bits >> (have - want), want
+    # utf8 / utf16 / utf32
+    if type(value) is not int or (not is_unicode_scalar(value) and not 0xFFFE <= value <= 0xFFFF):
+        raise SegmentError(f"{kind} segment needs a Unicode code point, got {value!r}")
+    codec = {"utf8": "utf-8", "utf16": "utf-16", "utf32": "utf-32"}[kind]
+    if kind != "utf8":
+        codec += "-le" if seg.endian == "little" else "-be"
+    encoded = chr(value).encode(codec, "surrogatepass")
+    return int.from_bytes(encoded, "big"), len(encoded) * 8
+
+
+def string_segments(text: str, size: int | None, seg: SegmentType) -> tuple[int, int]:
+    """A string written inside a binary: one segment per character, same type each."""
+    if (
+        seg.type == "integer"
+        and seg.endian == "big"
+        and (8 if size is None else size) * (seg.unit or 1) == 8
+    ):
+        # The common case <<"text">>: every character truncated to a byte (band 255).
+        data = bytes(ord(c) & 0xFF for c in text) if not text.isascii() else text.encode()
+        return int.from_bytes(data, "big"), len(data) * 8
+    acc, count = 0, 0
+    if not text:
+        segment_bits(0, size, seg)  # eval_bits checks the type even for ""
+    for char in text:
+        bits, nbits = segment_bits(ord(char), size, seg)
+        acc, count = (acc << nbits) | bits, count + nbits
+    return acc, count
