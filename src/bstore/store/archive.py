@@ -22,17 +22,23 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 import blake3
+import zstandard
 
 from bstore.store.archive_format import (
     ArchiveError,
+    LimitedInput,
+    NullSink,
+    StreamReader,
     StreamWriter,
 )
 from bstore.store.archive_meta import PathMeta
+from bstore.store.db import PathNotValidError
+from bstore.store.local import LocalStore
 from bstore.store.manifest import EntryType, Manifest, ManifestEntry
-from bstore.store.paths import StorePath
+from bstore.store.paths import PathKind, StorePath
 
 #: zstd level 3: within ~10% of the best ratio of level 19 on BEAM files at a fraction
 #: of the CPU; the level is fixed because it is part of the byte-for-byte determinism.
@@ -43,13 +49,6 @@ MAX_WINDOW_SIZE = 1 << 23
 #: Default cap on the uncompressed size of a stream we import.
 DEFAULT_MAX_BYTES = 64 << 30
 _READ_CHUNK = 1 << 20
-
-
-class ArchiveStore(Protocol):
-    """What export/import need from a store (``LocalStore`` provides it)."""
-
-    @property
-    def store_dir(self) -> Path: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +66,6 @@ class StagedPath:
     meta: PathMeta
     manifest: Manifest
     tree: Path | None
-
-
-def _shown(store_dir: Path, sp: StorePath) -> str:
-    return f"{store_dir}/{sp}"
 
 
 class DiskSink:
@@ -208,3 +203,155 @@ def write_path(writer: StreamWriter, meta: PathMeta, manifest: Manifest, root: P
     for entry in manifest.entries:
         _write_entry(writer, root, entry, meta.full_path)
     writer.end_path()
+
+
+def path_meta(store: LocalStore, sp: StorePath) -> PathMeta:
+    """The exportable metadata of the valid path ``sp``."""
+    info = store.query_info(sp)
+    if info.kind is PathKind.SOURCE:
+        hash_hex = info.mcid.rpartition("-")[2]
+    else:
+        recorded = getattr(info, "hash_hex", None)
+        if not isinstance(recorded, str):
+            raise ArchiveError(
+                f"cannot export {store.full_path(sp)}: the store does not record the"
+                f" {info.kind.value} hash its name was computed from",
+                hint="only source paths can be exported by this version",
+            )
+        hash_hex = recorded
+    deriver = None
+    if info.deriver:
+        deriver = StorePath.parse(info.deriver.rpartition("/")[2])
+    return PathMeta(
+        store_dir=str(store.store_dir), path=sp, kind=info.kind, hash_hex=hash_hex,
+        mcid=info.mcid, nar_size=info.nar_size, references=info.references,
+        deriver=deriver, signatures=info.signatures,
+    )
+
+
+def export_paths(store: LocalStore, paths: Iterable[StorePath], out: BinaryIO, *,
+                 closure: bool = True) -> list[StorePath]:
+    """Write ``paths`` (with their closure unless ``closure`` is False) to ``out`` as one
+    zstd-compressed export stream; return the paths in the order written."""
+    paths = list(paths)
+    for sp in paths:
+        if not store.is_valid(sp):
+            raise PathNotValidError(
+                f"cannot export {store.full_path(sp)}: it is not a valid path",
+                hint="check the path with `bstore store info`",
+            )
+    if closure:
+        order = store.closure(paths)
+    else:
+        order = export_order(lambda p: store.query_info(p).references, paths)
+    compressor = zstandard.ZstdCompressor(
+        level=COMPRESSION_LEVEL, write_checksum=True, write_content_size=False)
+    try:
+        with compressor.stream_writer(out, closefd=False) as zout:
+            writer = StreamWriter(zout)
+            for sp in order:
+                meta = path_meta(store, sp)
+                write_path(writer, meta, store.query_manifest(sp), store.real_path(sp))
+            writer.finish()
+    except OSError as exc:
+        raise ArchiveError(f"cannot write the export stream: {exc.strerror}") from exc
+    return order
+
+
+class _Decompressed:
+    """The zstd-decoded view of a raw stream, with zstd's errors mapped to ours."""
+
+    def __init__(self, raw: BinaryIO, source: str) -> None:
+        dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE)
+        self._reader = dctx.stream_reader(raw, read_size=_READ_CHUNK, closefd=False)
+        self._source = source
+
+    def read(self, n: int) -> bytes:
+        try:
+            return bytes(self._reader.read(n))
+        except zstandard.ZstdError as exc:
+            raise ArchiveError(
+                f"{self._source}: not a valid zstd stream ({exc})",
+                hint="export streams are zstd frames with a window of at most"
+                f" {MAX_WINDOW_SIZE >> 20} MiB; was the file truncated or altered?",
+            ) from exc
+        except OSError as exc:
+            raise ArchiveError(f"{self._source}: cannot read: {exc.strerror}") from exc
+
+
+def stage_stream(store: LocalStore, raw: BinaryIO, stack: contextlib.ExitStack[bool | None], *,
+                 source: str = "<stdin>", max_bytes: int = DEFAULT_MAX_BYTES,
+                 select: Callable[[PathMeta], bool] | None = None) -> list[StagedPath]:
+    """Read and fully verify a compressed export stream; stage the selected paths.
+
+    ``select(meta)`` says which records to write into staging dirs (default: those not
+    yet valid); the others are verified and discarded. Staging dirs live until ``stack``
+    closes. Raises :class:`ArchiveError` (naming the record and entry) on anything the
+    format forbids; nothing is registered here.
+    """
+    if select is None:
+        def select(meta: PathMeta) -> bool:
+            return not store.is_valid(meta.path)
+    reader = StreamReader(LimitedInput(_Decompressed(raw, source),
+                                       source, max_bytes))
+    store_dir = str(store.store_dir)
+    seen: set[StorePath] = set()
+    staged: list[StagedPath] = []
+    while (meta := reader.next_path()) is not None:
+        where = f"{source}: {meta.full_path}"
+        if meta.store_dir != store_dir:
+            raise ArchiveError(
+                f"{where}: the stream is for store dir {meta.store_dir!r}, this store's is"
+                f" {store_dir!r}",
+                hint="store paths include their store dir; import into a store with the"
+                " same root",
+            )
+        if meta.path in seen:
+            raise ArchiveError(f"{where}: the path appears twice in the stream")
+        for ref in meta.references:
+            if ref != meta.path and ref not in seen and not store.is_valid(ref):
+                raise ArchiveError(
+                    f"{where}: reference {store_dir}/{ref} is neither valid in the store"
+                    " nor earlier in the stream",
+                    hint="export with --closure, or import the references first",
+                )
+        seen.add(meta.path)
+        if not select(meta):
+            staged.append(StagedPath(meta, reader.read_tree(meta, NullSink()), None))
+            continue
+        stage = stack.enter_context(store.staging_dir("import"))
+        tree = stage / "tree"
+        sink = DiskSink(tree)
+        try:
+            manifest = reader.read_tree(meta, sink)
+        finally:
+            sink.abort()
+        staged.append(StagedPath(meta, manifest, tree))
+    return staged
+
+
+def import_stream(store: LocalStore, raw: BinaryIO, *, source: str = "<stdin>",
+                  max_bytes: int = DEFAULT_MAX_BYTES) -> list[ImportedPath]:
+    """Import a compressed export stream; return every path in it, in stream order.
+
+    The whole stream is verified (see :func:`stage_stream`) before the first path is
+    registered; then the staged paths are registered dependencies first.
+    """
+    with contextlib.ExitStack() as stack:
+        staged = stage_stream(store, raw, stack, source=source, max_bytes=max_bytes)
+        result = []
+        for item in staged:
+            meta = item.meta
+            if item.tree is None:
+                result.append(ImportedPath(meta.path, added=False))
+                continue
+            sp = store.register_tree(
+                item.tree, meta.path.name, kind=meta.kind, hash_hex=meta.hash_hex,
+                references=meta.references,
+                deriver=None if meta.deriver is None else str(meta.deriver),
+                expected_mcid=meta.mcid, signatures=meta.signatures,
+            )
+            if sp != meta.path:  # pragma: no cover - PathMeta and the store agree by design
+                raise ArchiveError(f"{source}: {meta.full_path} registered as {sp}")
+            result.append(ImportedPath(sp, added=True))
+        return result

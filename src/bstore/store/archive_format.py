@@ -52,6 +52,13 @@ class ArchiveError(BstoreError):
     """A malformed, lying or oversized export stream."""
 
 
+class Readable(Protocol):
+    """Anything with ``read(n)`` (a file, a zstd reader)."""
+
+    def read(self, n: int, /) -> bytes:
+        """Up to ``n`` bytes; ``b""`` at the end."""
+
+
 class TreeSink(Protocol):
     """Where a reader puts one path's tree; entries arrive in manifest order."""
 
@@ -140,7 +147,7 @@ class LimitedInput:
     whatever its framing claims.
     """
 
-    def __init__(self, raw: BinaryIO, source: str, max_bytes: int) -> None:
+    def __init__(self, raw: Readable, source: str, max_bytes: int) -> None:
         self._raw = raw
         self.source = source
         self._max = max_bytes
