@@ -26,8 +26,13 @@ from bstore.specs.terms.errors import TermSyntaxError
 from bstore.specs.terms.lexer import LineIndex, Token, tokenize
 from bstore.specs.terms.model import Atom, ImproperList, Term, exactly_equal
 
-# Far deeper than any hand-written spec, far shallower than anything that could hurt.
-MAX_DEPTH = 1000
+# Far deeper than any hand-written spec (they nest ~10 levels), and shallow enough that
+# code walking the result recursively (``==``, ``repr``, exactly_equal, schema checks)
+# stays well below Python's default recursion limit of 1000 frames.
+MAX_DEPTH = 256
+# Each nested << >> costs a few Python stack frames (segment values are parsed by a
+# recursive call), so binaries inside binaries get their own, smaller bound.
+MAX_BINARY_NESTING = 50
 
 _TUPLE, _LIST, _TAIL, _MAP_KEY, _MAP_VALUE, _PAREN, _UNARY = range(7)
 _OPENERS = frozenset(["{", "[", "(", "#", "-", "+"])
@@ -45,6 +50,8 @@ def describe(token: Token) -> str:
         return "end of file"
     if kind == "dot":
         return "'.' (end of term)"
+    if kind == ".":
+        return "'.' (not followed by white space)"
     if kind == "atom":
         return f"atom {_quote_atom_for_message(value)}"
     if kind in ("int", "float"):
@@ -74,6 +81,7 @@ class _Parser:
         self.located = located
         self.tokens = tokenize(text, source)
         self._lines: LineIndex | None = None
+        self.binary_nesting = 0
 
     # -- positions and errors -------------------------------------------------------
 
@@ -152,12 +160,20 @@ class _Parser:
                     frame_type = {"{": _TUPLE, "[": _LIST, "#{": _MAP_KEY, "(": _PAREN}.get(
                         kind, _UNARY
                     )
-                    stack.append([frame_type, [], [] if located else None, offset, kind])
+                    frame: list[Any] = [frame_type, [], [] if located else None, offset, kind]
+                    if frame_type == _MAP_KEY:
+                        # Where each key starts, for errors about keys (located or not).
+                        frame.append([tokens[index][2]])
+                    stack.append(frame)
                     continue
             elif kind == "<<":
-                if depth + len(stack) >= MAX_DEPTH // 10:
-                    raise self.error(offset, f"binaries nested deeper than {MAX_DEPTH // 10}")
+                if self.binary_nesting >= MAX_BINARY_NESTING:
+                    raise self.error(
+                        offset, f"binaries nested deeper than {MAX_BINARY_NESTING} levels"
+                    )
+                self.binary_nesting += 1
                 term, index = self.binary(index, depth + len(stack) + 1)
+                self.binary_nesting -= 1
             elif kind == "var":
                 raise self.error(
                     offset,
@@ -217,12 +233,13 @@ class _Parser:
                     if next_kind == ",":
                         frame[0] = _MAP_KEY
                         index += 1
+                        frame[5].append(tokens[index][2])
                         break
                     if next_kind != "}":
                         raise self.expected("',' or '}' in map", index)
                     index += 1
                     stack.pop()
-                    term = self.build_map(frame[1], frame[2], frame[3])
+                    term = self.build_map(frame[1], frame[5])
                     lit = 0
                     if located:
                         loc = Located(term, self.position(frame[3]), tuple(frame[2]))
@@ -280,7 +297,7 @@ class _Parser:
             return term, None
         return term, Located(term, self.position(frame[3]), tuple(locs))
 
-    def build_map(self, items: list[Term], locs: list[Located] | None, offset: int) -> Term:
+    def build_map(self, items: list[Term], key_offsets: list[int]) -> Term:
         """A dict from alternating keys and values; later duplicates win, as in Erlang."""
         out: dict[Term, Term] = {}
         keys: dict[Term, Term] = {}
@@ -289,21 +306,14 @@ class _Parser:
             try:
                 previous = keys.setdefault(key, key)
             except TypeError:
-                where = locs[position].pos if locs else None
-                pos = where or self.position(offset)
-                raise TermSyntaxError(
-                    self.source,
-                    pos.line,
-                    pos.column,
+                raise self.error(
+                    key_offsets[position // 2],
                     f"map key {key!r} is a list or map, which bstore cannot represent",
                     "use an atom, binary, number or tuple of those as the key",
                 ) from None
             if previous is not key and not exactly_equal(previous, key):
-                pos = locs[position].pos if locs else self.position(offset)
-                raise TermSyntaxError(
-                    self.source,
-                    pos.line,
-                    pos.column,
+                raise self.error(
+                    key_offsets[position // 2],
                     f"map keys {previous!r} and {key!r} are different in Erlang but"
                     " equal in bstore's term model",
                     "write integer and float keys so that they do not collide",
