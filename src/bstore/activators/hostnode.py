@@ -1,0 +1,464 @@
+"""The long-lived host BEAM node of a profile: start, status, stop, logs.
+
+One node per profile lives under ``<state>/nodes/<profile>/`` (directory mode 0700)::
+
+    agent.sock   the bstore_agent control socket (0600; see bstore_agent.erl)
+    node.json    pid record: {pid, start_time, socket, node_name, argv, started_at}
+    node.log     the node's stdout and stderr (appended)
+    lock         flock(2) held while starting or stopping
+
+The node is ``erl -noshell -noinput`` started in its own session, so it outlives the
+bstore command that started it and a signal to bstore's process group never reaches it.
+A PID alone is not an identity (PIDs are recycled), so the record also keeps the kernel
+start time of the process (``/proc/<pid>/stat`` field 22); before any signal the process
+is pinned with a pidfd and its start time compared, so bstore never signals a process
+that merely inherited the number. Signals go to the node's process group (its pgid is
+its pid: it leads its own session), which also reaches its port programs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bstore.activators.agent_client import AgentClient, AgentError, NodeInfo
+from bstore.errors import BstoreError
+
+_PROFILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NODE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(@[A-Za-z0-9._-]+)?$")
+# sun_path is 108 bytes including the terminating NUL.
+_MAX_SOCKET_PATH = 107
+_POLL = 0.05
+
+
+class HostNodeError(BstoreError):
+    """The host node could not be started, inspected or stopped (names the profile)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodePaths:
+    """Where a profile's host node keeps its socket, pid record and log."""
+
+    directory: Path
+    socket: Path
+    record: Path
+    log: Path
+    lock: Path
+
+    @classmethod
+    def for_profile(cls, state_dir: Path, profile: str) -> NodePaths:
+        """The paths of ``profile``'s node under ``state_dir`` (the profile name is checked)."""
+        if not _PROFILE_RE.match(profile):
+            raise HostNodeError(
+                f"profile name {profile!r} is not valid",
+                hint="use letters, digits, '.', '_' and '-', starting with a letter or digit",
+            )
+        directory = Path(state_dir) / "nodes" / profile
+        return cls(
+            directory,
+            directory / "agent.sock",
+            directory / "node.json",
+            directory / "node.log",
+            directory / "lock",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """What bstore remembers about a node it started (``node.json``)."""
+
+    pid: int
+    start_time: int
+    socket: str
+    node_name: str | None
+    argv: tuple[str, ...]
+    started_at: float
+
+    def __post_init__(self) -> None:
+        if self.pid <= 1 or self.start_time < 0:
+            raise HostNodeError(f"node record has pid {self.pid}, start time {self.start_time}")
+
+
+@dataclass(frozen=True, slots=True)
+class HostNodeStatus:
+    """The state of a profile's host node.
+
+    ``running``: the recorded process is alive (same pid *and* start time);
+    ``agent_ok``: its agent answered; ``info``: its ``node_info``; ``problem`` says why
+    a running node is not fully healthy (None when it is, or when it is just stopped).
+    """
+
+    profile: str
+    running: bool
+    agent_ok: bool
+    pid: int | None
+    info: NodeInfo | None
+    socket: Path
+    log: Path
+    problem: str | None = None
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel start time (clock ticks since boot) of ``pid``, None if it is gone or a zombie."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    if len(fields) < 20 or fields[0] == b"Z":
+        return None
+    return int(fields[19])
+
+
+@contextlib.contextmanager
+def _pinned(record: NodeRecord) -> Iterator[int | None]:
+    """A pidfd for the recorded process if it is still that process, else None.
+
+    While the pidfd is open the kernel cannot hand the pid (and so the pgid) to a new
+    process, so a check made here stays true until the signal is sent.
+    """
+    try:
+        fd = os.pidfd_open(record.pid)
+    except OSError:
+        yield None
+        return
+    try:
+        yield fd if process_start_time(record.pid) == record.start_time else None
+    finally:
+        os.close(fd)
+
+
+def _reap(pid: int) -> None:
+    # A node started by this very process becomes our zombie when it dies.
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _is_running(record: NodeRecord) -> bool:
+    _reap(record.pid)
+    return process_start_time(record.pid) == record.start_time
+
+
+class HostNode:
+    """Control of the host node of ``profile`` under ``state_dir`` (no process is kept)."""
+
+    def __init__(self, state_dir: Path, profile: str, *, erl: str = "erl") -> None:
+        self.profile = profile
+        self.paths = NodePaths.for_profile(state_dir, profile)
+        self.erl = erl
+
+    # ------------------------------------------------------------ files
+
+    def _prepare_directory(self) -> None:
+        directory = self.paths.directory
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = directory.lstat()
+            if info.st_uid != os.getuid():
+                raise HostNodeError(
+                    f"node directory {directory} belongs to uid {info.st_uid}, not to us",
+                    hint="remove it or fix its owner",
+                )
+            # The agent refuses a socket directory others can enter (see bstore_agent.erl).
+            os.chmod(directory, 0o700)
+        except OSError as exc:
+            raise HostNodeError(f"cannot prepare node directory {directory}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self._prepare_directory()
+        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def read_record(self) -> NodeRecord | None:
+        """The pid record, or None when there is none (a corrupt one is an error)."""
+        try:
+            data = json.loads(self.paths.record.read_text(encoding="utf-8"))
+            return NodeRecord(
+                pid=int(data["pid"]),
+                start_time=int(data["start_time"]),
+                socket=str(data["socket"]),
+                node_name=None if data.get("node_name") is None else str(data["node_name"]),
+                argv=tuple(str(a) for a in data.get("argv", [])),
+                started_at=float(data.get("started_at", 0.0)),
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise HostNodeError(
+                f"node record {self.paths.record} is unreadable: {exc}",
+                hint="stop the node by hand if it runs, then delete the file",
+            ) from exc
+
+    def _write_record(self, record: NodeRecord) -> None:
+        tmp = self.paths.record.with_suffix(".json.tmp")
+        data = json.dumps(asdict(record), indent=1).encode("utf-8")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.paths.record)
+        dir_fd = os.open(self.paths.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _clear_record(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.paths.record.unlink()
+
+    def client(self, timeout: float = 30.0) -> AgentClient:
+        """A (not yet connected) client for this node's agent."""
+        return AgentClient(self.paths.socket, timeout)
+
+    def read_log(self, max_bytes: int = 64 * 1024) -> str:
+        """The last ``max_bytes`` of the node's log ("" when there is none)."""
+        try:
+            with self.paths.log.open("rb") as log:
+                size = log.seek(0, os.SEEK_END)
+                log.seek(max(0, size - max_bytes))
+                return log.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    # ------------------------------------------------------------ start
+
+    def start(
+        self,
+        agent_ebin: Path,
+        code_paths: Sequence[Path] = (),
+        *,
+        node_name: str | None = None,
+        extra_args: Sequence[str] = (),
+        timeout: float = 30.0,
+    ) -> HostNodeStatus:
+        """Start the node with the agent and ``code_paths`` on ``-pa``; wait for ``ping``.
+
+        ``node_name`` (``name`` or ``name@host``) turns on distribution on loopback; the
+        control channel needs none. Raises :class:`HostNodeError` if the node already
+        runs or does not answer within ``timeout`` (it is then killed, log quoted).
+        """
+        if node_name is not None and not _NODE_NAME_RE.match(node_name):
+            raise HostNodeError(f"node name {node_name!r} is not valid for profile {self.profile}")
+        socket_path = str(self.paths.socket)
+        if len(os.fsencode(socket_path)) > _MAX_SOCKET_PATH:
+            raise HostNodeError(
+                f"control socket path {socket_path} is longer than {_MAX_SOCKET_PATH} bytes",
+                hint="use a shorter state directory (--root)",
+            )
+        dirs = [Path(agent_ebin), *(Path(p) for p in code_paths)]
+        for d in dirs:
+            if not d.is_absolute() or not d.is_dir():
+                raise HostNodeError(f"code path {d} is not an absolute directory")
+        exe = shutil.which(self.erl)
+        if exe is None:
+            raise HostNodeError(f"cannot start node {self.profile}: {self.erl!r} not found")
+        with self._locked():
+            old = self.read_record()
+            if old is not None and _is_running(old):
+                raise HostNodeError(
+                    f"host node of profile {self.profile} already runs (pid {old.pid})",
+                    hint="bstore node stop, or bstore node status",
+                )
+            self._clear_record()
+            argv = [exe, "-noshell", "-noinput"]
+            for d in dirs:
+                argv += ["-pa", str(d)]
+            if node_name is not None:
+                flag = "-name" if "@" in node_name else "-sname"
+                argv += [flag, node_name, "-kernel", "inet_dist_use_interface", "{127,0,0,1}"]
+            argv += [*extra_args, "-bstore_agent_socket", socket_path]
+            argv += ["-eval", "bstore_agent:start()"]
+            proc = self._spawn(argv)
+            start_time = process_start_time(proc.pid)
+            if start_time is None:
+                raise HostNodeError(
+                    f"host node of profile {self.profile} exited at once; log {self.paths.log}:"
+                    f"\n{self.read_log(4000)}"
+                )
+            record = NodeRecord(
+                proc.pid, start_time, socket_path, node_name, tuple(argv), time.time()
+            )
+            self._write_record(record)
+            self._wait_for_agent(proc, record, timeout)
+        return self.status()
+
+    def _spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        try:
+            log_fd = os.open(
+                self.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+            )
+        except OSError as exc:
+            raise HostNodeError(f"cannot open node log {self.paths.log}: {exc}") from exc
+        try:
+            os.write(log_fd, f"--- bstore: starting {' '.join(argv)}\n".encode())
+            # Its own session: no terminal, no signals aimed at bstore's process group,
+            # and it keeps running when bstore exits.
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=subprocess.STDOUT,
+                cwd=self.paths.directory,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise HostNodeError(
+                f"cannot start {argv[0]} for profile {self.profile}: {exc}"
+            ) from exc
+        finally:
+            os.close(log_fd)
+
+    def _wait_for_agent(
+        self, proc: subprocess.Popen[bytes], record: NodeRecord, timeout: float
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        last: str = "no answer yet"
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self._clear_record()
+                raise HostNodeError(
+                    f"host node of profile {self.profile} exited with status {proc.returncode} "
+                    f"before its agent answered; log {self.paths.log}:\n{self.read_log(4000)}"
+                )
+            if self.paths.socket.exists():
+                try:
+                    with AgentClient(self.paths.socket, timeout=2.0) as client:
+                        client.ping()
+                    return
+                except AgentError as exc:
+                    last = exc.message
+            time.sleep(_POLL)
+        self._signal_group(record, signal.SIGKILL)
+        self._wait_gone(record, 5.0)
+        self._clear_record()
+        raise HostNodeError(
+            f"host node of profile {self.profile} did not answer within {timeout} s ({last}); "
+            f"killed it. Log {self.paths.log}:\n{self.read_log(4000)}"
+        )
+
+    # ------------------------------------------------------------ status
+
+    def status(self, timeout: float = 5.0) -> HostNodeStatus:
+        """Whether the node runs, whether its agent answers, and its ``node_info``."""
+        record = self.read_record()
+        profile, sock, log = self.profile, self.paths.socket, self.paths.log
+        if record is None or not _is_running(record):
+            problem = None if record is None else "recorded process is gone (stale record)"
+            return HostNodeStatus(
+                running=False,
+                agent_ok=False,
+                pid=None,
+                info=None,
+                problem=problem,
+                profile=profile,
+                socket=sock,
+                log=log,
+            )
+        try:
+            with AgentClient(self.paths.socket, timeout) as client:
+                info = client.node_info()
+        except AgentError as exc:
+            return HostNodeStatus(
+                running=True,
+                agent_ok=False,
+                pid=record.pid,
+                info=None,
+                problem=exc.message,
+                profile=profile,
+                socket=sock,
+                log=log,
+            )
+        problem = None
+        if info.os_pid != record.pid:
+            problem = f"agent reports OS pid {info.os_pid}, record says {record.pid}"
+        return HostNodeStatus(
+            running=True,
+            agent_ok=True,
+            pid=record.pid,
+            info=info,
+            problem=problem,
+            profile=profile,
+            socket=sock,
+            log=log,
+        )
+
+    # ------------------------------------------------------------ stop
+
+    def stop(self, *, graceful_timeout: float = 15.0, term_timeout: float = 5.0) -> str:
+        """Stop the node: ``init:stop()`` via the agent, then SIGTERM, then SIGKILL.
+
+        Returns how it ended: ``"not_running"``, ``"graceful"``, ``"terminated"`` or
+        ``"killed"``. Signals go to the node's process group only after its identity
+        (pid and start time, pinned by a pidfd) is confirmed.
+        """
+        with self._locked():
+            record = self.read_record()
+            if record is None or not _is_running(record):
+                self._clear_record()
+                return "not_running"
+            with contextlib.suppress(AgentError), self.client(timeout=5.0) as client:
+                client.stop_node()
+                if self._wait_gone(record, graceful_timeout):
+                    return self._stopped(record, "graceful")
+            for sig, wait, outcome in (
+                (signal.SIGTERM, term_timeout, "terminated"),
+                (signal.SIGKILL, 10.0, "killed"),
+            ):
+                if not self._signal_group(record, sig):
+                    return self._stopped(record, outcome)
+                if self._wait_gone(record, wait):
+                    return self._stopped(record, outcome)
+            raise HostNodeError(
+                f"host node of profile {self.profile} (pid {record.pid}) survived SIGKILL"
+            )
+
+    def _stopped(self, record: NodeRecord, outcome: str) -> str:
+        self._clear_record()
+        # The agent leaves its socket behind when the node is killed.
+        with contextlib.suppress(FileNotFoundError):
+            if not _is_running(record):
+                self.paths.socket.unlink()
+        return outcome
+
+    def _signal_group(self, record: NodeRecord, sig: signal.Signals) -> bool:
+        """Signal the node's process group if the leader is still the recorded process."""
+        with _pinned(record) as fd:
+            if fd is None:
+                return False
+            try:
+                os.killpg(record.pid, sig)
+            except ProcessLookupError:
+                return False
+            except OSError as exc:
+                raise HostNodeError(
+                    f"cannot signal host node of profile {self.profile} (pid {record.pid}): {exc}"
+                ) from exc
+            return True
+
+    def _wait_gone(self, record: NodeRecord, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while _is_running(record):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_POLL)
+        return True
