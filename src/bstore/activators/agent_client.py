@@ -486,6 +486,13 @@ class AgentClient:
             tuple(p for p in procs if isinstance(p, Pid)) if isinstance(procs, list) else (),
         )
 
+    def process_info(self, pid: Pid) -> dict[str, VmTerm] | None:
+        """``current_function``, ``registered_name`` and ``status`` of ``pid``; None if dead."""
+        result = self.call("process_info", pid)
+        if not isinstance(result, dict):
+            return None
+        return {_text(k): v for k, v in result.items()}
+
     def stop_node(self) -> None:
         """Ask the node to shut down gracefully (``init:stop()``); returns at once."""
         self.call("stop_node")

@@ -416,7 +416,8 @@ class HostNode:
             if record is None or not _is_running(record):
                 self._clear_record()
                 return "not_running"
-            with contextlib.suppress(AgentError), self.client(timeout=5.0) as client:
+            ask_timeout = min(5.0, graceful_timeout)
+            with contextlib.suppress(AgentError), self.client(ask_timeout) as client:
                 client.stop_node()
                 if self._wait_gone(record, graceful_timeout):
                     return self._stopped(record, "graceful")

@@ -192,7 +192,7 @@ ops() ->
      {app_unload, [1]}, {which_applications, [0]}, {loaded_applications, [0]},
      {get_env, [1, 2]}, {set_env, [3]}, {unset_env, [2]}, {config_change, [2]},
      {reconfigure, [3]}, {suspend, [1, 2]}, {resume, [1]}, {change_code, [4]},
-     {reload, [3]}, {stop_node, [0]}].
+     {reload, [3]}, {process_info, [1]}, {stop_node, [0]}].
 
 op(ping, []) ->
     {ok, pong};
@@ -298,6 +298,13 @@ op(change_code, [Pid, Mod, OldVsn, Extra]) when is_pid(Pid), is_atom(Mod) ->
     end;
 op(reload, [App, ModPaths, Extra]) when is_atom(App), is_list(ModPaths) ->
     reload(App, [{M, path(P)} || {M, P} <- ModPaths, is_atom(M)], Extra);
+op(process_info, [Pid]) when is_pid(Pid) ->
+    case erlang:process_info(Pid, [current_function, registered_name, status]) of
+        undefined ->
+            {ok, undefined};
+        Info ->
+            {ok, maps:from_list([{K, V} || {K, V} <- Info, V =/= []])}
+    end;
 op(stop_node, []) ->
     %% init:stop/0 only signals init; the reply goes out before the shutdown starts.
     ok = init:stop(),
