@@ -21,6 +21,7 @@ import blake3
 
 from bstore.store.layout import StoreError
 from bstore.store.manifest import (
+    MAX_PATH_BYTES,
     EntryType,
     InvalidTreeError,
     Manifest,
@@ -91,31 +92,67 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
-def remove_tree(path: Path) -> None:
-    """Remove a file or tree, even read-only (0555) and deeply nested, without recursion."""
+def remove_tree(path: Path | bytes, *, count: bool = False) -> int:
+    """Remove a file or tree, even read-only (0555) and arbitrarily deep; return the bytes
+    freed (allocated blocks of files whose last link went) when ``count`` is set.
+
+    Walks with directory file descriptors (``dir_fd``, ``..``), holding one descriptor at
+    a time and no recursion, so a 100k-deep hostile tree neither exceeds ``PATH_MAX`` nor
+    the stack nor the descriptor limit. Nobody else may move directories of the tree
+    meanwhile (true for ``tmp/`` staging dirs and store paths under their locks).
+    """
     top = os.fsencode(path)
     try:
         st = os.lstat(top)
     except FileNotFoundError:
-        return
+        return 0
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(top)
-        return
-    # Iterative post-order walk: a 100k-deep hostile tree must not hit the stack limit.
-    stack: list[tuple[bytes, bool]] = [(top, False)]
-    while stack:
-        current, expanded = stack.pop()
-        if expanded:
-            os.rmdir(current)
-            continue
-        os.chmod(current, 0o700)
-        stack.append((current, True))
-        with os.scandir(current) as it:
+        return st.st_blocks * 512 if count and st.st_nlink == 1 else 0
+    freed = 0
+
+    def clear(fd: int) -> list[str]:
+        # Unlink the non-directories of the dir open at fd; return its sub-directories.
+        nonlocal freed
+        os.fchmod(fd, 0o700)
+        subdirs = []
+        with os.scandir(fd) as it:
             for entry in it:
                 if entry.is_dir(follow_symlinks=False):
-                    stack.append((entry.path, False))
-                else:
-                    os.unlink(entry.path)
+                    subdirs.append(entry.name)
+                    continue
+                if count:
+                    est = entry.stat(follow_symlinks=False)
+                    if est.st_nlink == 1:
+                        freed += est.st_blocks * 512
+                os.unlink(entry.name, dir_fd=fd)
+        return subdirs
+
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(top, flags)
+    try:
+        stack: list[tuple[str | None, list[str]]] = [(None, clear(fd))]
+        while stack:
+            name, pending = stack[-1]
+            if pending:
+                sub = pending.pop()
+                child = os.open(sub, flags, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                stack.append((sub, clear(fd)))
+                continue
+            stack.pop()
+            if name is not None:
+                parent = os.open("..", flags, dir_fd=fd)
+                os.close(fd)
+                fd = parent
+                os.rmdir(name, dir_fd=fd)
+                if count:
+                    freed += 4096
+    finally:
+        os.close(fd)
+    os.rmdir(top)
+    return freed + (4096 if count else 0)
 
 
 def _describe(mode: int) -> str:
@@ -208,54 +245,63 @@ def copy_tree(src: Path, dst: Path, progress: Progress | None = None) -> Manifes
     todo: list[tuple[bytes, bytes, bytes, os.stat_result]] = [(b"", src_b, dst_b, st)]
     while todo:
         rel, s_abs, d_abs, est = todo.pop()
-        mode = est.st_mode
-        if stat.S_ISREG(mode):
-            if est.st_nlink > 1:
-                links.setdefault((est.st_dev, est.st_ino), [est.st_nlink, 0])[1] += 1
-            executable = bool(mode & stat.S_IXUSR)
-            size, digest = _copy_file(s_abs, d_abs, est, rel, shown_root, executable)
-            entries.append(ManifestEntry(
-                rel, EntryType.EXECUTABLE if executable else EntryType.FILE, size, digest))
-            files += 1
-            total += size
-            if progress is not None and files % 256 == 0:
-                progress(files, total)
-        elif stat.S_ISDIR(mode):
-            os.mkdir(d_abs, 0o755)
-            if _UMASK & 0o700:
-                os.chmod(d_abs, 0o755)
-            if rel:
-                dirs.append(d_abs)
-            entries.append(ManifestEntry(rel, EntryType.DIRECTORY, 0, None))
-            try:
+        try:
+            mode = est.st_mode
+            if stat.S_ISREG(mode):
+                if est.st_nlink > 1:
+                    links.setdefault((est.st_dev, est.st_ino), [est.st_nlink, 0])[1] += 1
+                executable = bool(mode & stat.S_IXUSR)
+                size, digest = _copy_file(s_abs, d_abs, est, rel, shown_root, executable)
+                entries.append(ManifestEntry(
+                    rel, EntryType.EXECUTABLE if executable else EntryType.FILE, size, digest))
+                files += 1
+                total += size
+                if progress is not None and files % 256 == 0:
+                    progress(files, total)
+            elif stat.S_ISDIR(mode):
+                os.mkdir(d_abs, 0o755)
+                if _UMASK & 0o700:
+                    os.chmod(d_abs, 0o755)
+                if rel:
+                    dirs.append(d_abs)
+                entries.append(ManifestEntry(rel, EntryType.DIRECTORY, 0, None))
                 with os.scandir(s_abs) as it:
                     children = [(e.name, e.stat(follow_symlinks=False)) for e in it]
-            except OSError as exc:
+                for name, cst in children:
+                    child = rel + b"/" + name if rel else name
+                    validate_entry_path(child)
+                    todo.append((child, s_abs + b"/" + name, d_abs + b"/" + name, cst))
+            elif stat.S_ISLNK(mode):
+                target = os.readlink(s_abs)
+                if symlink_escapes(rel, target):
+                    raise InvalidTreeError(
+                        f"{shown_root}: symlink {_show(rel)!r} -> "
+                        f"{target.decode('utf-8', 'backslashreplace')!r}"
+                        " points outside the tree",
+                        hint="store paths may only contain links that stay inside them",
+                    )
+                os.symlink(target, d_abs)
+                os.utime(d_abs, ns=_TIMES, follow_symlinks=False)
+                entries.append(ManifestEntry(rel, EntryType.SYMLINK, len(target),
+                                             blake3.blake3(target).hexdigest()))
+                total += len(target)
+            else:
                 raise InvalidTreeError(
-                    f"{shown_root}: cannot read directory {_show(rel)!r}: {exc.strerror}"
-                ) from exc
-            for name, cst in children:
-                child = rel + b"/" + name if rel else name
-                validate_entry_path(child)
-                todo.append((child, s_abs + b"/" + name, d_abs + b"/" + name, cst))
-        elif stat.S_ISLNK(mode):
-            target = os.readlink(s_abs)
-            if symlink_escapes(rel, target):
-                raise InvalidTreeError(
-                    f"{shown_root}: symlink {_show(rel)!r} -> "
-                    f"{target.decode('utf-8', 'backslashreplace')!r} points outside the tree",
-                    hint="store paths may only contain links that stay inside them",
+                    f"{shown_root}: {_show(rel)!r} is {_describe(mode)}",
+                    hint="store paths hold only directories, regular files and symlinks",
                 )
-            os.symlink(target, d_abs)
-            os.utime(d_abs, ns=_TIMES, follow_symlinks=False)
-            entries.append(ManifestEntry(rel, EntryType.SYMLINK, len(target),
-                                         blake3.blake3(target).hexdigest()))
-            total += len(target)
-        else:
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise InvalidTreeError(
+                    f"{shown_root}: entry path {_show(rel)[:120]!r}... is too long"
+                    f" ({len(rel)} bytes, nested {rel.count(b'/') + 1} deep)",
+                    hint=f"store paths hold entry paths of at most {MAX_PATH_BYTES} bytes;"
+                    " flatten the tree",
+                ) from exc
             raise InvalidTreeError(
-                f"{shown_root}: {_show(rel)!r} is {_describe(mode)}",
-                hint="store paths hold only directories, regular files and symlinks",
-            )
+                f"{shown_root}: cannot copy {_show(rel)[:200]!r}: {exc.strerror}",
+                hint="check the tree's permissions",
+            ) from exc
     for nlink, seen in links.values():
         if seen < nlink:
             raise InvalidTreeError(

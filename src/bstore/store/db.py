@@ -107,15 +107,19 @@ class Database:
     # -- opening -------------------------------------------------------------------------
 
     @classmethod
-    def _connect(cls, path: Path, timeout: float) -> sqlite3.Connection:
+    def _connect(cls, path: Path, timeout: float, hint: str) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(path, timeout=timeout, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA foreign_keys = ON")
             # FULL: a committed registration survives power loss, not just a crash.
             conn.execute("PRAGMA synchronous = FULL")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open database {str(path)!r}: {exc}") from exc
+        except sqlite3.OperationalError as exc:
+            if _locked(exc):
+                raise StoreLockedError(f"store locked: database {str(path)!r} is busy") from exc
+            raise StoreError(f"cannot open database {str(path)!r}: {exc}", hint=hint) from exc
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"database {str(path)!r} is corrupt ({exc})", hint=hint) from exc
         return conn
 
     @classmethod
@@ -157,7 +161,7 @@ class Database:
             raise StoreError(f"cannot read database {str(path)!r}: {exc.strerror}") from exc
         if size == 0:
             raise StoreError(f"database {str(path)!r} is empty", hint=hint)
-        conn = cls._connect(path, timeout)
+        conn = cls._connect(path, timeout, hint)
         try:
             rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             conn.execute("SELECT count(*) FROM paths").fetchone()

@@ -15,11 +15,11 @@ temp-roots files, and ``links/`` entries no store file shares any more.
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bstore.store.atomic import remove_tree
 from bstore.store.crash import crash_point
 from bstore.store.local import LocalStore, topo_order
 from bstore.store.locks import gc_exclusive, read_temp_roots
@@ -58,35 +58,8 @@ class GcResult:
 
 
 def delete_tree(path: bytes) -> int:
-    """Remove a (read-only) tree iteratively; return the bytes actually freed (files whose
-    last link went, by allocated blocks)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return 0
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(path)
-        return st.st_blocks * 512 if st.st_nlink == 1 else 0
-    freed = 0
-    stack: list[tuple[bytes, bool]] = [(path, False)]
-    while stack:
-        current, expanded = stack.pop()
-        if expanded:
-            os.rmdir(current)
-            freed += 4096
-            continue
-        os.chmod(current, 0o700)
-        stack.append((current, True))
-        with os.scandir(current) as it:
-            for entry in it:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append((os.fsencode(entry.path), False))
-                else:
-                    est = entry.stat(follow_symlinks=False)
-                    os.unlink(entry.path)
-                    if est.st_nlink == 1:
-                        freed += est.st_blocks * 512
-    return freed
+    """Remove a (read-only) tree; return the bytes actually freed."""
+    return remove_tree(path, count=True)
 
 
 def collect_garbage(store: LocalStore, *, dry_run: bool = False,
