@@ -309,7 +309,6 @@ class JsonLinesSink:
         self._max_bytes = max_bytes
         if isinstance(target, Path):
             self._path = target
-            target.parent.mkdir(parents=True, exist_ok=True)
             self._stream: IO[str] = self._open(target)
             self._owned = True
         else:
@@ -319,6 +318,7 @@ class JsonLinesSink:
     @staticmethod
     def _open(path: Path) -> IO[str]:
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             return path.open("a", encoding="utf-8")
         except OSError as exc:
             raise EventError(

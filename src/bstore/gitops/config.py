@@ -318,7 +318,10 @@ def _check_repo_url(value: str) -> None:
 
 
 def _check_branch(value: str) -> None:
-    if not value or not pygit2.reference_is_valid_name(f"refs/heads/{value}"):
+    # git itself refuses branch names starting with '-' (they read as options).
+    if not value or value.startswith("-") or not pygit2.reference_is_valid_name(
+        f"refs/heads/{value}"
+    ):
         raise ValueError(f"{value!r} is not a valid branch name")
 
 
