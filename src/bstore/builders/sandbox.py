@@ -341,8 +341,44 @@ class Sandbox:
             raise
 
 
+def _descendants(root: int) -> set[int]:
+    """Pids of every live process below ``root`` (from ``/proc``; best effort)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        # The command name (field 2) may contain spaces and ')': parse after the last ')'.
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the build's process group and reap the leader."""
+    """SIGKILL the build: its process group, and every descendant that left the group
+    (the BEAM starts port programs in their own session, so killpg alone misses them;
+    inside a PID namespace the kernel does this for us)."""
+    killed: set[int] = set()
+    # A few passes: a process may fork between the scan and the kill.
+    for _ in range(3):
+        pids = _descendants(proc.pid) - killed
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        killed |= pids
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):

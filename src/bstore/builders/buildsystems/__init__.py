@@ -41,7 +41,7 @@ from bstore.builders.buildsystems.detect import (
 )
 from bstore.builders.buildsystems.finalize import finalize
 from bstore.builders.sandbox import BuildError, Isolation, Sandbox
-from bstore.builders.toolchain import Toolchain
+from bstore.builders.toolchain import Toolchain, ToolchainError
 
 __all__ = [
     "BUILD_SYSTEMS",
@@ -148,7 +148,10 @@ def build(
         ctx = BuildContext(app_name=app_name, version=version, src=src, work_dir=work_dir,
                            deps_dir=deps_dir, deps=tuple(deps), toolchain=toolchain,
                            sandbox=sandbox, env=dict(env or {}))
-        built = RUNNERS[system](ctx)
+        try:
+            built = RUNNERS[system](ctx)
+        except ToolchainError as exc:
+            raise BuildError(exc.message, exc.hint, log_path=Path(log_path)) from exc
         stage_output(ctx, built.lib_dir, fallback=built.fallback)
         finalize(ctx, app_src=built.app_src, source_root=src)
         modules = tuple(sorted(p.stem for p in (ctx.stage_dir / "ebin").glob("*.beam")))
