@@ -536,7 +536,7 @@ def _erlang(data: bytes, path: Path, source: str) -> Located:
     # Imported here: the term parser is its own package and may be large.
     from bstore.specs import terms
 
-    terms_read = terms.parse_located(decode_utf8(data, source), source)
+    terms_read = terms.parse_located(terms.decode_source(data, source), source)
     if not terms_read:
         raise SpecError.at(
             source, Position(1, 1), "expected one map or proplist ending in '.', found no term"

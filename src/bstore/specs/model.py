@@ -320,6 +320,71 @@ class AppSpec:
             "extra": termjson.encode(_as_term(self.extra)),
         }
 
+    def to_term(self) -> dict[Term, Term]:
+        """The spec as one Erlang map (what an ``app.config`` with every default would hold)."""
+
+        def b(text: str | None) -> Term:
+            return Atom("undefined") if text is None else text.encode("utf-8")
+
+        def a(name: str | None) -> Term:
+            return Atom("undefined") if name is None else Atom(name)
+
+        def n(number: int | None) -> Term:
+            return Atom("undefined") if number is None else number
+
+        s, h, v = self.source, self.health, self.vm_config
+        source: dict[Term, Term] = {Atom("type"): Atom(s.type.value)}
+        for key, value in (("ref", s.ref), ("repo", s.repo), ("url", s.url)):
+            if value is not None:
+                source[Atom(key)] = b(value)
+        if s.sha256 is not None:
+            source[Atom("sha256")] = b(s.sha256)
+        if s.mcid is not None:
+            source[Atom("mcid")] = b(s.mcid)
+        term: dict[Term, Term] = {
+            Atom("name"): Atom(self.name),
+            Atom("version"): b(self.version),
+            Atom("description"): b(self.description),
+            Atom("icon"): {
+                Atom("type"): Atom(self.icon.type.value),
+                Atom("value"): b(self.icon.value),
+                Atom("mime_type"): b(self.icon.mime_type),
+            },
+            Atom("source"): source,
+            Atom("env"): _as_term(self.env),
+            Atom("health"): Atom("undefined")
+            if h is None
+            else {
+                Atom("type"): Atom(h.type.value),
+                Atom("port"): n(h.port),
+                Atom("path"): b(h.path),
+                Atom("module"): a(h.module),
+                Atom("interval"): h.interval,
+                Atom("timeout"): h.timeout,
+            },
+            Atom("depends_on"): [Atom(d) for d in self.depends_on],
+            Atom("isolation"): Atom(self.isolation.value),
+            Atom("vm_config"): Atom("undefined")
+            if v is None
+            else {
+                Atom("memory_limit"): n(v.memory_limit),
+                Atom("scheduler_limit"): n(v.scheduler_limit),
+                Atom("node_prefix"): b(v.node_prefix),
+                Atom("extra_args"): [b(arg) for arg in v.extra_args],
+            },
+        }
+        for extra_key, extra_value in self.extra.items():
+            term[extra_key] = extra_value
+        return term
+
+    def to_erlang(self) -> str:
+        """:meth:`to_term` as Erlang source, ending in ``.`` (``file:consult/1`` reads it)."""
+        from bstore.specs import terms  # the printer; imported late to keep this module light
+
+        # One top-level key per line: readable, and still one term file:consult/1 reads.
+        lines = [f"{terms.format(k)} => {terms.format(v)}" for k, v in self.to_term().items()]
+        return "#{" + ",\n  ".join(lines) + "}.\n"
+
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> AppSpec:
         """The spec :meth:`to_json` wrote (raises :class:`InvalidSpec` on anything else)."""

@@ -608,9 +608,8 @@ def _term_error(exc: BstoreError, source: str) -> Problem:
     # TermSyntaxError carries .line/.column; any other BstoreError has no position.
     line, column = getattr(exc, "line", None), getattr(exc, "column", None)
     pos = Position(line, column) if isinstance(line, int) and isinstance(column, int) else None
-    message = exc.message
-    for prefix in (f"{source}:{pos}: ", f"{source}: "):
-        message = message.removeprefix(prefix)
+    what = getattr(exc, "what", None)
+    message = what if isinstance(what, str) else exc.message
     return Problem(Severity.ERROR, source, pos, message, exc.hint)
 
 
