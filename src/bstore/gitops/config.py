@@ -19,11 +19,8 @@ integer number of milliseconds (the original's unit) or a string with a unit:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import difflib
 import hmac
-import ipaddress
 import os
 import re
 import tomllib
@@ -31,25 +28,30 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import pygit2
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-from bstore.builders.fetch_git import GitCredentials, GitFetchError, GitLimits, validate_url
+from bstore.builders.fetch_git import GitCredentials, GitLimits
 from bstore.errors import BstoreError
+from bstore.gitops.config_values import (
+    ENV_NAME_RE,
+    bool_from_text,
+    check_apps_dir,
+    check_branch,
+    check_env_name,
+    check_hex_name,
+    check_name,
+    check_pem,
+    check_positive,
+    check_public_key,
+    check_repo_url,
+    check_seconds,
+    check_url,
+    duration_seconds,
+    is_loopback,
+    split_address,
+)
 
 ENV_PREFIX = "BSTORE_"
 CONFIG_ENV = "BSTORE_CONFIG"
-#: Longest accepted duration: a month. Anything longer is almost surely a unit mistake
-#: (``reconcile_interval = 60000`` meant as seconds would be 16 hours, still accepted).
-_MAX_SECONDS = 30 * 24 * 3600.0
-_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
 
 
 class ConfigError(BstoreError):
@@ -103,10 +105,10 @@ class HexRepository:
     public_key: str
 
     def __post_init__(self) -> None:
-        _validate("hex repository", "name", _check_hex_name, self.name)
-        _validate("hex repository", "url", lambda v: _check_url(v, ("https", "http", "file")),
+        _validate("hex repository", "name", check_hex_name, self.name)
+        _validate("hex repository", "url", lambda v: check_url(v, ("https", "http", "file")),
                   self.url)
-        _validate("hex repository", "public_key", _check_pem, self.public_key)
+        _validate("hex repository", "public_key", check_pem, self.public_key)
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,8 @@ class HealthDefaults:
     timeout: float = 5.0
 
     def __post_init__(self) -> None:
-        _validate("health", "interval", _check_seconds, self.interval)
-        _validate("health", "timeout", _check_seconds, self.timeout)
+        _validate("health", "interval", check_seconds, self.interval)
+        _validate("health", "timeout", check_seconds, self.timeout)
 
 
 @dataclass(frozen=True)
@@ -134,11 +136,11 @@ class GitSettings:
     fetch_max_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
-        _validate("git", "fetch_timeout", _check_seconds, self.fetch_timeout)
-        _validate("git", "fetch_max_bytes", _check_positive, self.fetch_max_bytes)
+        _validate("git", "fetch_timeout", check_seconds, self.fetch_timeout)
+        _validate("git", "fetch_max_bytes", check_positive, self.fetch_max_bytes)
         for key in ("ssh_passphrase_env", "token_env"):
             if getattr(self, key) is not None:
-                _validate("git", key, _env_name, getattr(self, key))
+                _validate("git", key, check_env_name, getattr(self, key))
 
     def credentials(self) -> GitCredentials:
         """The credentials for :class:`bstore.builders.fetch_git.GitFetcher`."""
@@ -186,20 +188,20 @@ class Config:
                                key=key, source=where, problem=problem)
 
         checks: tuple[tuple[str, Callable[[Any], object], object], ...] = (
-            ("repo_url", _check_repo_url, self.repo_url),
-            ("branch", _check_branch, self.branch),
-            ("apps_dir", _check_apps_dir, self.apps_dir),
-            ("reconcile_interval", _check_seconds, self.reconcile_interval),
-            ("profile", _check_name, self.profile),
-            ("activator", _check_name, self.activator),
-            ("api_address", _split_address, self.api_address),
+            ("repo_url", check_repo_url, self.repo_url),
+            ("branch", check_branch, self.branch),
+            ("apps_dir", check_apps_dir, self.apps_dir),
+            ("reconcile_interval", check_seconds, self.reconcile_interval),
+            ("profile", check_name, self.profile),
+            ("activator", check_name, self.activator),
+            ("api_address", split_address, self.api_address),
         )
         for key, check, value in checks:
             try:
                 check(value)
             except ValueError as exc:
                 raise fail(key, str(exc)) from exc
-        if self.api_token_env is not None and not _ENV_NAME_RE.fullmatch(self.api_token_env):
+        if self.api_token_env is not None and not ENV_NAME_RE.fullmatch(self.api_token_env):
             raise fail("api_token_env",
                        f"{self.api_token_env!r} is not an environment variable name")
         if self.require_signed_commits and not (self.allowed_signers or self.gpg_keyring):
@@ -208,8 +210,8 @@ class Config:
                 "commits must be signed but neither 'allowed_signers' nor 'gpg_keyring' is set",
                 "set allowed_signers (SSH) and/or gpg_keyring (GPG)",
             )
-        host, _port = _split_address(self.api_address)
-        if not _is_loopback(host) and self.api_token is None and self.api_token_env is None:
+        host, _port = split_address(self.api_address)
+        if not is_loopback(host) and self.api_token is None and self.api_token_env is None:
             raise fail(
                 "api_address",
                 f"{self.api_address!r} listens beyond this machine but no api_token or"
@@ -220,12 +222,12 @@ class Config:
     @property
     def api_host(self) -> str:
         """The host part of ``api_address`` (without IPv6 brackets)."""
-        return _split_address(self.api_address)[0]
+        return split_address(self.api_address)[0]
 
     @property
     def api_port(self) -> int:
         """The port of ``api_address`` (0: any free port)."""
-        return _split_address(self.api_address)[1]
+        return split_address(self.api_address)[1]
 
     @property
     def reconcile_interval_ms(self) -> int:
@@ -281,97 +283,6 @@ def _validate(table: str, key: str, check: Callable[[Any], object], value: Any) 
                           problem=str(exc)) from exc
 
 
-def _check_hex_name(value: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*", value):
-        raise ValueError(f"name {value!r} is not a valid repository name")
-
-
-def _check_pem(value: str) -> None:
-    try:
-        load_pem_public_key(value.encode())
-    except (ValueError, TypeError) as exc:
-        raise ValueError("public_key is not a PEM public key") from exc
-
-
-def _check_positive(value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{value!r} must be a positive integer")
-
-
-def _env_name(value: str) -> None:
-    if not _ENV_NAME_RE.fullmatch(value):
-        raise ValueError(f"{value!r} is not an environment variable name")
-
-
-def _check_seconds(value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{value!r} is not a duration")
-    if not 0 < value <= _MAX_SECONDS:
-        raise ValueError(f"duration {value:g} s must be positive and at most 30 days")
-
-
-def _check_repo_url(value: str) -> None:
-    try:
-        validate_url(value)
-    except GitFetchError as exc:
-        raise ValueError(exc.message) from exc
-
-
-def _check_branch(value: str) -> None:
-    # git itself refuses branch names starting with '-' (they read as options).
-    if not value or value.startswith("-") or not pygit2.reference_is_valid_name(
-        f"refs/heads/{value}"
-    ):
-        raise ValueError(f"{value!r} is not a valid branch name")
-
-
-def _check_apps_dir(value: str) -> None:
-    if value == ".":
-        return  # the specs are at the top of the repository
-    if not value or value.startswith("/") or "\0" in value or any(
-        part in ("", ".", "..") for part in value.split("/")
-    ):
-        raise ValueError(
-            f"{value!r} must be a relative path inside the repository (no '..', not absolute)"
-        )
-
-
-def _check_name(value: str) -> None:
-    if not _NAME_RE.fullmatch(value) or ".." in value:
-        raise ValueError(f"{value!r} must be letters, digits, '.', '_' or '-'")
-
-
-def _check_url(value: str, schemes: tuple[str, ...]) -> None:
-    parts = urlsplit(value)
-    if parts.scheme not in schemes or not (parts.netloc or parts.scheme == "file"):
-        raise ValueError(f"{value!r} is not a {'/'.join(schemes)} URL")
-
-
-def _split_address(value: str) -> tuple[str, int]:
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9.-]+):(\d{1,5})", value)
-    if not match:
-        raise ValueError(f"{value!r} is not 'host:port' (IPv6 as '[::1]:port')")
-    host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4))
-    if port > 65535:
-        raise ValueError(f"port {port} in {value!r} is above 65535")
-    if match.group(1):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError as exc:
-            raise ValueError(f"{host!r} in {value!r} is not an IPv6 address") from exc
-    return host, port
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 # --- the loader ----------------------------------------------------------------------
 
 
@@ -421,10 +332,10 @@ def _p_opt_str(value: object, o: _Origin) -> str | None:
 
 def _p_bool(value: object, o: _Origin) -> bool:
     if o.textual and isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered in _TRUE | _FALSE:
-            return lowered in _TRUE
-        raise o.error(f"{value!r} is not a boolean", hint="use true or false")
+        try:
+            return bool_from_text(value)
+        except ValueError as exc:
+            raise o.error(str(exc), hint="use true or false") from exc
     _want(value, bool, "a boolean (true or false)", o)
     return bool(value)
 
@@ -439,28 +350,17 @@ def _p_int(value: object, o: _Origin) -> int:
 
 def _p_duration(value: object, o: _Origin) -> float:
     """Integer milliseconds or a string with a unit; returns seconds."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)  # a bare number from the environment: milliseconds, like ints
-    if isinstance(value, int) and not isinstance(value, bool):
-        seconds = value / 1000.0
-    elif isinstance(value, str):
-        match = _DURATION_RE.fullmatch(value)
-        if not match:
-            raise o.error(
-                f"{value!r} is not a duration",
-                hint="use integer milliseconds or a string like \"500ms\", \"60s\", \"5m\"",
-            )
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    else:
+    if isinstance(value, bool) or not isinstance(value, int | str):
         raise o.error(
             f"expected a duration, got {_type_name(value)} {value!r}",
             hint="use integer milliseconds or a string with a unit, like \"1.5s\"",
         )
     try:
-        _check_seconds(seconds)
+        return duration_seconds(value)
     except ValueError as exc:
-        raise o.error(f"{value!r}: {exc}") from exc
-    return seconds
+        raise o.error(
+            str(exc), hint="use integer milliseconds or a string like \"500ms\", \"60s\", \"5m\""
+        ) from exc
 
 
 def _p_path(value: object, o: _Origin) -> Path | None:
@@ -511,16 +411,6 @@ def _p_str_list(check: Callable[[str], None]) -> Callable[[object, _Origin], tup
     return parse
 
 
-def _check_public_key(value: str) -> None:
-    name, sep, key = value.partition(":")
-    try:
-        raw = base64.b64decode(key, validate=True)
-    except binascii.Error:
-        raw = b""
-    if not sep or not _NAME_RE.fullmatch(name) or len(raw) != 32:
-        raise ValueError(f"{value!r} is not 'name:<base64 of a 32-byte ed25519 key>'")
-
-
 def _p_hex_repos(value: object, o: _Origin) -> tuple[HexRepository, ...]:
     items = _p_list(value, o)
     repos = []
@@ -569,13 +459,13 @@ def _checked(
 
 #: Every key: dotted name -> parser. Dotted names live in a TOML table.
 _KEYS: dict[str, Callable[[object, _Origin], Any]] = {
-    "repo_url": _checked(_p_str, _check_repo_url),
-    "branch": _checked(_p_str, _check_branch),
+    "repo_url": _checked(_p_str, check_repo_url),
+    "branch": _checked(_p_str, check_branch),
     "local_path": _p_path,
-    "apps_dir": _checked(_p_str, _check_apps_dir),
+    "apps_dir": _checked(_p_str, check_apps_dir),
     "reconcile_interval": _p_duration,
-    "profile": _checked(_p_str, _check_name),
-    "activator": _checked(_p_str, _check_name),
+    "profile": _checked(_p_str, check_name),
+    "activator": _checked(_p_str, check_name),
     "hex_repositories": _p_hex_repos,
     "health.interval": _p_duration,
     "health.timeout": _p_duration,
@@ -583,19 +473,19 @@ _KEYS: dict[str, Callable[[object, _Origin], Any]] = {
     "allowed_signers": _p_file,
     "gpg_keyring": _p_file,
     "allow_history_rewrite": _p_bool,
-    "api_address": _checked(_p_str, _split_address),
+    "api_address": _checked(_p_str, split_address),
     "api_token": _p_secret,
-    "api_token_env": _checked(_p_opt_str, _env_name),
-    "substituters": _p_str_list(lambda v: _check_url(v, ("file", "http", "https"))),
-    "trusted_public_keys": _p_str_list(_check_public_key),
-    "mesh_peers": _p_str_list(lambda v: _check_url(v, ("http", "https"))),
+    "api_token_env": _checked(_p_opt_str, check_env_name),
+    "substituters": _p_str_list(lambda v: check_url(v, ("file", "http", "https"))),
+    "trusted_public_keys": _p_str_list(check_public_key),
+    "mesh_peers": _p_str_list(lambda v: check_url(v, ("http", "https"))),
     "git.username": _p_opt_str,
     "git.ssh_key": _p_file,
     "git.ssh_public_key": _p_file,
-    "git.ssh_passphrase_env": _checked(_p_opt_str, _env_name),
-    "git.token_env": _checked(_p_opt_str, _env_name),
+    "git.ssh_passphrase_env": _checked(_p_opt_str, check_env_name),
+    "git.token_env": _checked(_p_opt_str, check_env_name),
     "git.fetch_timeout": _p_duration,
-    "git.fetch_max_bytes": _checked(_p_int, _check_positive),
+    "git.fetch_max_bytes": _checked(_p_int, check_positive),
 }
 _TABLES = {"health", "git"}
 _SECRET_KEYS = {"api_token"}
