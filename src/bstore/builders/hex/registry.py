@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import zlib
+from collections.abc import Callable, Mapping
 
 import httpx
 from cryptography.exceptions import InvalidSignature
@@ -100,6 +101,25 @@ def fetch_package(
     url = repo.package_url(package)
     capped = dataclasses.replace(policy, max_size=min(policy.max_size, MAX_REGISTRY_SIZE))
     return decode_package(fetch_bytes(client, url, policy=capped), repo, package, source=url)
+
+
+def package_lookup(
+    client: httpx.Client,
+    repos: Mapping[str, HexRepo],
+    *,
+    policy: DownloadPolicy = DEFAULT_POLICY,
+) -> Callable[[str, str], Package]:
+    """A ``lookup(repository, package)`` for :func:`bstore.builders.hex.resolve.resolve`
+    that fetches and verifies each entry once."""
+    cache: dict[tuple[str, str], Package] = {}
+
+    def lookup(repository: str, package: str) -> Package:
+        key = (repository, package)
+        if key not in cache:
+            cache[key] = fetch_package(client, repos[repository], package, policy=policy)
+        return cache[key]
+
+    return lookup
 
 
 def encode_signed(payload: bytes, private_key: RSAPrivateKey) -> bytes:
