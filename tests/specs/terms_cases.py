@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import struct
 
+from hypothesis import strategies as st
+
 from bstore.specs.terms import Atom, ImproperList, Term
 
 A = Atom
@@ -113,6 +115,9 @@ POSITIVE: list[tuple[str, str, Term]] = [
     ("bin-float32", "<<1.5:32/float>>.", struct.pack(">f", 1.5)),
     ("bin-float-little", "<<1.5:32/float-little>>.", struct.pack("<f", 1.5)),
     ("bin-int-as-float", "<<2/float>>.", struct.pack(">d", 2.0)),
+    ("bin-float16", "<<1.5:16/float>>.", struct.pack(">e", 1.5)),
+    ("bin-float16-overflow", "<<70000:16/float>>.", b"\x7c\x00"),
+    ("bin-float32-overflow", "<<-1.0e300:32/float>>.", b"\xff\x80\x00\x00"),
     ("bin-mixed", '<<$a, "bc", 100>>.', b"abcd"),
     ("bin-nested", '<<<<"ab">>/binary, "c">>.', b"abc"),
     ("bin-sized-binary", '<<(<<"ab">>):1/binary>>.', b"a"),
@@ -231,3 +236,35 @@ NEGATIVE: list[tuple[str, str, str, int, int, bool]] = [
     ("binary-size-var", "<<1:N>>.", "variable N", 1, 5, False),
     ("unclosed-paren", "(1.", "expected ')'", 1, 3, False),
 ]
+
+
+# -- generated terms (hypothesis): every shape the model has --------------------------
+
+_atoms = st.builds(
+    Atom, st.text(max_size=20).filter(lambda t: "\ufffe" not in t and "\uffff" not in t)
+)
+_scalars = st.one_of(
+    _atoms,
+    st.integers(min_value=-(2**200), max_value=2**200),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.binary(max_size=20),
+    st.text(max_size=10).map(lambda t: [ord(c) for c in t if ord(c) < 0xD800 or ord(c) > 0xDFFF]),
+)
+_keys = st.one_of(_atoms, st.integers(), st.binary(max_size=5), st.tuples(_atoms, st.integers()))
+
+
+def _extend(children: st.SearchStrategy[Term]) -> st.SearchStrategy[Term]:
+    return st.one_of(
+        st.lists(children, max_size=5),
+        st.lists(children, max_size=5).map(tuple),
+        st.dictionaries(_keys, children, max_size=4),
+        st.builds(
+            lambda items, tail: ImproperList(tuple(items), tail),
+            st.lists(children, min_size=1, max_size=3),
+            st.one_of(_atoms, st.integers(), st.tuples(children)),
+        ),
+    )
+
+
+#: Any term of the model; map keys avoid int/float pairs Python would merge.
+TERMS = st.recursive(_scalars, _extend, max_leaves=25)

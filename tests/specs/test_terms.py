@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
-from terms_cases import NEGATIVE, POSITIVE
+from terms_cases import NEGATIVE, POSITIVE, TERMS
 
 from bstore.errors import BstoreError
 from bstore.specs.located import Located, Position
@@ -331,34 +330,6 @@ def test_format_refuses_non_terms(value: object, fragment: str) -> None:
 
 
 # -- property: parse(format(t)) == t ---------------------------------------------------
-
-_atoms = st.builds(
-    Atom, st.text(max_size=20).filter(lambda t: "\ufffe" not in t and "\uffff" not in t)
-)
-_scalars = st.one_of(
-    _atoms,
-    st.integers(min_value=-(2**200), max_value=2**200),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.binary(max_size=20),
-    st.text(max_size=10).map(lambda t: [ord(c) for c in t if ord(c) < 0xD800 or ord(c) > 0xDFFF]),
-)
-_keys = st.one_of(_atoms, st.integers(), st.binary(max_size=5), st.tuples(_atoms, st.integers()))
-
-
-def _extend(children: st.SearchStrategy[Term]) -> st.SearchStrategy[Term]:
-    return st.one_of(
-        st.lists(children, max_size=5),
-        st.lists(children, max_size=5).map(tuple),
-        st.dictionaries(_keys, children, max_size=4),
-        st.builds(
-            lambda items, tail: ImproperList(tuple(items), tail),
-            st.lists(children, min_size=1, max_size=3),
-            st.one_of(_atoms, st.integers(), st.tuples(children)),
-        ),
-    )
-
-
-TERMS = st.recursive(_scalars, _extend, max_leaves=25)
 
 
 @settings(max_examples=300, deadline=None)

@@ -9,6 +9,7 @@ our term model has only byte binaries, so a total that is not a whole number of 
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -99,16 +100,22 @@ def segment_bits(value: object, size: int | None, seg: SegmentType) -> tuple[int
         nbits = (8 if size is None else size) * (seg.unit or 1)
         return _integer_bits(value, nbits, seg.endian), nbits
     if kind == "float":
-        if type(value) not in (int, float):
+        if not isinstance(value, int | float) or isinstance(value, bool):
             raise SegmentError(f"float segment needs a number, got {value!r}")
         nbits = (64 if size is None else size) * (seg.unit or 1)
         codes = {16: "e", 32: "f", 64: "d"}
         if nbits not in codes:
             raise SegmentError(f"float segment must be 16, 32 or 64 bits, not {nbits}")
+        fmt = ("<" if seg.endian == "little" else ">") + codes[nbits]
         try:
-            packed = struct.pack(("<" if seg.endian == "little" else ">") + codes[nbits], value)
-        except (OverflowError, struct.error) as exc:
-            raise SegmentError(f"{value!r} does not fit a {nbits}-bit float") from exc
+            number = float(value)
+        except OverflowError as exc:
+            raise SegmentError(f"{value!r} does not fit a float") from exc
+        try:
+            packed = struct.pack(fmt, number)
+        except OverflowError:
+            # Erlang rounds a double too large for 16/32 bits to infinity.
+            packed = struct.pack(fmt, math.copysign(math.inf, number))
         return int.from_bytes(packed, "big"), nbits
     if kind == "binary":
         if not isinstance(value, bytes):

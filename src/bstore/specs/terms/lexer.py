@@ -45,25 +45,34 @@ _NAME = r"[a-zA-Z0-9_@\xc0-\xd6\xd8-\xf6\xf8-\xff]*"
 _DIGITS = r"[0-9]+(?:_[0-9]+)*"
 _ESCAPE_IN_CHAR = r"\\(?:[0-7]{1,3}|x\{[0-9a-fA-F]*\}|x[0-9a-fA-F]{2}|\^[\s\S]|[^x" + _BAD + "])"
 
+# Every match is one token preceded by any white space and comments (so finditer yields
+# exactly one match per token); `eof` matches the empty end of the text, `bad` any
+# character no token can start with. Order matters where prefixes overlap: `...`/`..`
+# before the end-of-term dot, the dot before a plain '.'.
 _MASTER = re.compile(
-    "|".join(
+    rf"(?:[{_WS_CHARS}]++|%[^\n{_BAD}]*+)*+(?:"
+    + "|".join(
         [
-            rf"(?P<ws>(?:[{_WS_CHARS}]+|%[^\n{_BAD}]*)+)",
+            r"(?P<punct>=:=|=/=|\.\.\.|<<|>>|=>|:=|\.\.|<-|<=|>=|->|--|\+\+|=<|==|/=|\|\||::"
+            r"|\?=|[{}\[\](),|#:/\-+*<>=!?;@\\^`~&])",
             rf"(?P<atom>[a-z\xdf-\xf6\xf8-\xff]{_NAME})",
-            rf"(?P<num>{_DIGITS}(?:#[0-9a-zA-Z]*(?:_[0-9a-zA-Z]+)*"
+            rf"(?P<num>{_DIGITS}(?:#(?:[0-9a-zA-Z]+(?:_[0-9a-zA-Z]+)*)?"
             rf"|\.[0-9]+(?:_[0-9]+)*(?:[eE][+-]?(?:{_DIGITS})?)?)?)",
             rf'(?P<string>"[^"\\{_BAD}]*(?:\\[^{_BAD}][^"\\{_BAD}]*)*")',
-            r"(?P<punct>=:=|=/=|\.\.\.|<<|>>|=>|:=|\.\.|<-|<=|>=|->|--|\+\+|=<|==|/=|\|\||::|\?="
-            r"|[{}\[\](),|#:/\-+*<>=!?;@\\^`~&])",
             rf"(?P<dot>\.(?=[{_WS_CHARS}%]|\Z))",
             rf"(?P<var>[A-Z_\xc0-\xd6\xd8-\xde]{_NAME})",
             rf"(?P<qatom>'[^'\\{_BAD}]*(?:\\[^{_BAD}][^'\\{_BAD}]*)*')",
             rf"(?P<char>\$(?:{_ESCAPE_IN_CHAR}|[^\\{_BAD}]))",
             r"(?P<period>\.)",
+            r"(?P<eof>\Z)",
             r"(?P<bad>[\s\S])",
         ]
     )
+    + ")"
 )
+_G = _MASTER.groupindex
+_PUNCT, _ATOM, _NUM, _STRING, _DOT = _G["punct"], _G["atom"], _G["num"], _G["string"], _G["dot"]
+_VAR, _QATOM, _CHAR, _PERIOD, _EOF = _G["var"], _G["qatom"], _G["char"], _G["period"], _G["eof"]
 
 _ESCAPE = re.compile(
     r"\\(?:(?P<oct>[0-7]{1,3})|x\{(?P<hexb>[0-9a-fA-F]*)\}|x(?P<hex2>[0-9a-fA-F]{2})"
@@ -174,38 +183,36 @@ def tokenize(text: str, source: str) -> list[Token]:
     append = tokens.append
     atoms: dict[str, Atom] = {}
     for m in _MASTER.finditer(text):
-        kind = m.lastgroup
-        if kind == "ws":
-            continue
-        start = m.start()
-        if kind == "punct":
-            append((m.group(), None, start))
-        elif kind == "atom":
-            name = m.group()
-            atom = atoms.get(name)
+        group = m.lastindex or 0  # every alternative is a group, so never None
+        lexeme = m.group(group)
+        start = m.start(group)
+        if group == _PUNCT:
+            append((lexeme, None, start))
+        elif group == _ATOM:
+            atom = atoms.get(lexeme)
             if atom is None:
-                if name in RESERVED_WORDS:
-                    append(("reserved", name, start))
+                if lexeme in RESERVED_WORDS:
+                    append(("reserved", lexeme, start))
                     continue
-                if len(name) > MAX_ATOM_LENGTH:
+                if len(lexeme) > MAX_ATOM_LENGTH:
                     raise syntax_error(
                         text, source, start, f"atom longer than {MAX_ATOM_LENGTH} characters"
                     )
-                atom = atoms[name] = Atom(name)
+                atom = atoms[lexeme] = Atom(lexeme)
             append(("atom", atom, start))
-        elif kind == "num":
-            append(_number(m.group(), text, source, start))
-        elif kind == "string":
-            body = m.group()[1:-1]
+        elif group == _NUM:
+            append(_number(lexeme, text, source, start))
+        elif group == _STRING:
+            body = lexeme[1:-1]
             if "\\" in body:
                 body = _decode_escapes(body, text, source, start + 1)
             append(("string", body, start))
-        elif kind == "dot":
+        elif group == _DOT:
             append(("dot", None, start))
-        elif kind == "var":
-            append(("var", m.group(), start))
-        elif kind == "qatom":
-            name = m.group()[1:-1]
+        elif group == _VAR:
+            append(("var", lexeme, start))
+        elif group == _QATOM:
+            name = lexeme[1:-1]
             if "\\" in name:
                 name = _decode_escapes(name, text, source, start + 1)
             if len(name) > MAX_ATOM_LENGTH:
@@ -216,13 +223,15 @@ def tokenize(text: str, source: str) -> list[Token]:
             if atom is None:
                 atom = atoms[name] = Atom(name)
             append(("atom", atom, start))
-        elif kind == "char":
-            body = m.group()[1:]
+        elif group == _CHAR:
+            body = lexeme[1:]
             if len(body) > 1:
                 body = _decode_escapes(body, text, source, start + 1)
             append(("char", ord(body), start))
-        elif kind == "period":
+        elif group == _PERIOD:
             append((".", None, start))
+        elif group == _EOF:
+            break
         else:
             what, hint = _describe_bad(text, start)
             raise syntax_error(text, source, start, what, hint)

@@ -166,6 +166,11 @@ class _Parser:
                         frame.append([tokens[index][2]])
                     stack.append(frame)
                     continue
+            elif kind == "<<" and tokens[index][0] == "string" and tokens[index + 1][0] == ">>":
+                # Fast path for the common <<"text">>: characters truncated to bytes.
+                text = tokens[index][1]
+                term = text.encode("latin-1") if text.isascii() else _latin1_bytes(text)
+                index += 2
             elif kind == "<<":
                 if self.binary_nesting >= MAX_BINARY_NESTING:
                     raise self.error(
@@ -299,6 +304,12 @@ class _Parser:
 
     def build_map(self, items: list[Term], key_offsets: list[int]) -> Term:
         """A dict from alternating keys and values; later duplicates win, as in Erlang."""
+        try:
+            fast: dict[Term, Term] = dict(zip(items[0::2], items[1::2], strict=True))
+        except TypeError:
+            fast = {}
+        if len(fast) * 2 == len(items):
+            return fast  # every key distinct and hashable: nothing to check
         out: dict[Term, Term] = {}
         keys: dict[Term, Term] = {}
         for position in range(0, len(items), 2):
@@ -379,6 +390,11 @@ class _Parser:
                 start, f"binary of {count} bits is a bitstring, which bstore cannot represent"
             )
         return acc.to_bytes(count // 8, "big"), index
+
+
+def _latin1_bytes(text: str) -> bytes:
+    """A string inside a binary: each character truncated to a byte, as eval_bits does."""
+    return bytes([ord(char) & 0xFF for char in text])
 
 
 def parse_terms(text: str, source: str) -> list[Term]:
