@@ -69,25 +69,70 @@ class StagedPath:
 
 
 class DiskSink:
-    """Writes one tree under ``root`` (which must not exist yet)."""
+    """Writes one tree at ``root`` (which must not exist yet).
+
+    Everything below the root is created relative to open directory descriptors, never
+    through a long absolute path: a tree whose relative paths approach the 4096-byte
+    limit would otherwise fail on the staging dir's own prefix, and ``O_NOFOLLOW``
+    plus ``dir_fd`` mean no entry is ever written through a symlink.
+    """
+
+    #: Open directory descriptors kept for reuse, least recently used dropped first
+    #: (entries arrive sorted, so the next entry's parent is nearly always cached).
+    _MAX_FDS = 256
 
     def __init__(self, root: Path) -> None:
         self._root = os.fsencode(root)
+        self._dirs: dict[bytes, int] = {}
         self._file: BinaryIO | None = None
 
-    def _abs(self, path: bytes) -> bytes:
-        return self._root + b"/" + path if path else self._root
+    def _dir_fd(self, rel: bytes) -> int:
+        fd = self._dirs.get(rel)
+        if fd is not None:
+            self._dirs[rel] = self._dirs.pop(rel)  # most recently used last
+            return fd
+        # Walk down from the nearest cached ancestor, one component at a time.
+        cut = len(rel)
+        while cut > 0 and rel[:cut] not in self._dirs:
+            cut = max(rel.rfind(b"/", 0, cut), 0)
+        fd = self._dirs[rel[:cut]]
+        while cut < len(rel):
+            start = cut + 1 if cut else 0
+            end = rel.find(b"/", start)
+            cut = len(rel) if end < 0 else end
+            fd = os.open(rel[start:cut], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, dir_fd=fd)
+            self._dirs[rel[:cut]] = fd
+        while len(self._dirs) > self._MAX_FDS:
+            oldest = next(k for k in self._dirs if k not in (b"", rel))
+            os.close(self._dirs.pop(oldest))
+        return fd
+
+    def _parent(self, path: bytes) -> tuple[int, bytes]:
+        parent, _, name = path.rpartition(b"/")
+        return self._dir_fd(parent), name
 
     def directory(self, path: bytes) -> None:
-        """Create a directory (parents were created by earlier entries)."""
+        """Create a directory (its parent was created by an earlier entry)."""
         with _mapped(path):
-            os.mkdir(self._abs(path), 0o755)
+            if not path:
+                os.mkdir(self._root, 0o755)
+                self._dirs[b""] = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY
+                                          | os.O_NOFOLLOW | os.O_CLOEXEC)
+                return
+            fd, name = self._parent(path)
+            os.mkdir(name, 0o755, dir_fd=fd)
 
     def file(self, path: bytes, executable: bool) -> Callable[[bytes], object]:
         """Create a file exclusively, never through a symlink."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        mode = 0o755 if executable else 0o644
         with _mapped(path):
-            fd = os.open(self._abs(path), flags, 0o755 if executable else 0o644)
+            if path:
+                dir_fd, name = self._parent(path)
+                fd = os.open(name, flags, mode, dir_fd=dir_fd)
+            else:
+                fd = os.open(self._root, flags, mode)
         self._file = os.fdopen(fd, "wb")
         return self._file.write
 
@@ -98,13 +143,17 @@ class DiskSink:
             self._file = None
 
     def symlink(self, path: bytes, target: bytes) -> None:
-        """Create a symlink."""
+        """Create a symlink (never the root: the reader refuses root links)."""
         with _mapped(path):
-            os.symlink(target, self._abs(path))
+            fd, name = self._parent(path)
+            os.symlink(target, name, dir_fd=fd)
 
-    def abort(self) -> None:
-        """Close any open file (the staging dir is removed by its owner)."""
+    def close(self) -> None:
+        """Close every descriptor (the staging dir itself is removed by its owner)."""
         self.close_file()
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
 
 
 @contextlib.contextmanager
@@ -325,7 +374,7 @@ def stage_stream(store: LocalStore, raw: BinaryIO, stack: contextlib.ExitStack[b
         try:
             manifest = reader.read_tree(meta, sink)
         finally:
-            sink.abort()
+            sink.close()
         staged.append(StagedPath(meta, manifest, tree))
     return staged
 

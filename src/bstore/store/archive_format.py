@@ -188,7 +188,7 @@ class LimitedInput:
                 return self._consume(idx - self._off + len(stop))
             if self._available() >= limit:
                 raise ArchiveError(
-                    f"{self.source}: malformed {what} at byte {self.position}:"
+                    f"{self.source}: {what} at byte {self.position} is malformed:"
                     f" {self._buf[self._off : self._off + 60]!r}"
                 )
             if not self._fill(self._available() + 1):
