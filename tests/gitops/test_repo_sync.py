@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pygit2
 import pytest
 from gitrepos import GitRemote, GpgKey, SshKey, gpg_key, have
 
+from bstore.builders.fetch_git import GitLimits
 from bstore.events import Event, EventBus
 from bstore.gitops.config import Config
 from bstore.gitops.repo_sync import (
@@ -452,3 +454,45 @@ def test_from_config_uses_profile_dir_and_policy(tmp_path: Path) -> None:
     assert sync.branch == "prod" and sync.policy.allowed_signers == signers
     local = Config(repo_url="file:///srv/specs.git", local_path=tmp_path / "here")
     assert RepoSync.from_config(local, tmp_path).gitops_dir == tmp_path / "here"
+
+
+# --- caps and concurrency -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [
+        (GitLimits(fetch_bytes=1000), "exceeded 1000 bytes"),
+        (GitLimits(fetch_seconds=1e-9), "took longer than"),
+    ],
+)
+def test_fetch_caps(remote: GitRemote, tmp_path: Path, limits: GitLimits,
+                    expected: str) -> None:
+    remote.commit({"apps/big/blob.bin": os.urandom(200_000).hex()}, "big")
+    remote.push()
+    sync = RepoSync(remote.url, "main", tmp_path / "g", limits=limits)
+    with pytest.raises(RepoUnreachableError) as info:
+        sync.sync()
+    assert expected in info.value.message
+    assert sync.synced_commit() is None
+
+
+def test_concurrent_syncs_are_serialised(remote: GitRemote, tmp_path: Path) -> None:
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(make_sync(remote, tmp_path).sync().commit)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results == [remote.head()] * 3
+    checkouts = list((tmp_path / "state/gitops/default/checkouts").iterdir())
+    assert [p.name for p in checkouts] == [remote.head()]
