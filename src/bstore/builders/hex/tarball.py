@@ -26,8 +26,9 @@ from pathlib import Path
 import httpx
 
 from bstore.builders.download import DEFAULT_POLICY, DownloadPolicy, fetch_bytes
-from bstore.builders.hex.errors import TarballError
+from bstore.builders.hex.errors import TarballError, VersionError
 from bstore.builders.hex.protobuf import Release
+from bstore.builders.hex.registry import fetch_package
 from bstore.builders.hex.repos import HexRepo, validate_package_name
 from bstore.builders.hex.versions import Version
 from bstore.builders.safe_tar import ExtractLimits, ExtractReport, UnsafeArchiveError, extract_bytes
@@ -226,4 +227,35 @@ def fetch_tarball(
         inner_checksum=release.inner_checksum or None,
         source=url,
         limits=limits,
+    )
+
+
+def fetch_release(
+    client: httpx.Client,
+    repo: HexRepo,
+    name: str,
+    version: str,
+    dest: Path,
+    *,
+    policy: DownloadPolicy = DEFAULT_POLICY,
+    limits: ExtractLimits = CONTENTS_LIMITS,
+) -> HexTarball:
+    """Fetch the signed registry entry of ``name``, then its ``version`` into ``dest``.
+
+    The one call a fetcher needs: registry signature, name and repository checks, then
+    the tarball checks of :func:`unpack_tarball`.
+    """
+    wanted = Version.parse(version)
+    package = fetch_package(client, repo, name, policy=policy)
+    for release in package.releases:
+        try:
+            if Version.parse(release.version) == wanted:
+                return fetch_tarball(
+                    client, repo, name, release, dest, policy=policy, limits=limits
+                )
+        except VersionError:
+            continue
+    raise TarballError(
+        f"hex package {name!r} has no version {version} in repository {repo.name!r}",
+        hint="available: " + ", ".join(r.version for r in package.releases[-10:]),
     )
