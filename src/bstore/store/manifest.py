@@ -284,8 +284,11 @@ def _entry_for(abs_path: bytes, rel: bytes, st: os.stat_result, shown_root: str)
     )
 
 
-def scan_tree(root: str | os.PathLike[str]) -> Manifest:
+def scan_tree(root: str | os.PathLike[str], *, outside_links_ok: bool = False) -> Manifest:
     """Walk ``root`` (without following symlinks) and build its manifest.
+
+    Pass ``outside_links_ok=True`` to scan a path already in the store: after
+    ``store optimise`` its files share inodes with other store paths by design.
 
     Rejects devices, FIFOs, sockets, symlinks leaving the tree, invalid or over-long
     names, and files hardlinked from outside the tree (their contents could change
@@ -321,7 +324,7 @@ def scan_tree(root: str | os.PathLike[str]) -> Manifest:
                 if entry.type is EntryType.DIRECTORY:
                     stack.append(rel)
     for (_dev, _ino), (nlink, seen) in link_counts.items():
-        if seen < nlink:
+        if seen < nlink and not outside_links_ok:
             raise InvalidTreeError(
                 f"{shown_root}: a file in the tree is hardlinked from outside it"
                 f" ({nlink} links, {seen} inside)",
