@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bstore.errors import BstoreError
-from bstore.specs import termjson
+from bstore.specs import terms, termjson
 from bstore.specs.formats import SpecFormat, load_located
 from bstore.specs.located import Located, Position
 from bstore.specs.model import (
@@ -122,7 +122,7 @@ class _Reader:
         """``term`` as the user would have written it, for messages."""
         erlang = self.fmt is SpecFormat.ERLANG
         if isinstance(term, Atom):
-            return term.name
+            return terms.format(term) if erlang else term.name
         if isinstance(term, bytes):
             text = term.decode("utf-8", "replace")
             short = text if len(text) <= 60 else text[:57] + "..."
