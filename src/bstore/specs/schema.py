@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bstore.errors import BstoreError
-from bstore.specs import terms, termjson
+from bstore.specs import termjson, terms
 from bstore.specs.formats import SpecFormat, load_located
 from bstore.specs.located import Located, Position
 from bstore.specs.model import (
