@@ -496,3 +496,23 @@ def test_concurrent_syncs_are_serialised(remote: GitRemote, tmp_path: Path) -> N
     assert results == [remote.head()] * 3
     checkouts = list((tmp_path / "state/gitops/default/checkouts").iterdir())
     assert [p.name for p in checkouts] == [remote.head()]
+
+
+def test_failed_first_clone_is_retried_as_a_clone(
+        remote: GitRemote, tmp_path: Path, bus: tuple[EventBus, list[Event]]) -> None:
+    sync = make_sync(remote, tmp_path, bus=bus[0])
+    remote.upstream.rename(remote.root / "away.git")
+    with pytest.raises(RepoUnreachableError, match="nothing was synced yet"):
+        sync.sync()
+    assert [e.name for e in bus[1]] == ["bstore.git.clone_start", "bstore.git.clone_error"]
+    assert "cannot fetch" in bus[1][1].metadata["error"]
+    (remote.root / "away.git").rename(remote.upstream)
+    bus[1].clear()
+    result = sync.sync()
+    assert [e.name for e in bus[1]] == ["bstore.git.clone_start", "bstore.git.clone_stop",
+                                        "bstore.git.pull"]
+    data = result.to_dict()
+    assert data["commit"] == remote.head() and data["changed"] is True
+    assert data["checkout_dir"] == str(result.checkout_dir)
+    assert data["author"] == "Alice Author <alice@example.org>"
+    assert str(data["commit_time"]).endswith("+00:00")

@@ -128,6 +128,15 @@ class SyncResult:
         if not _HEX_RE.fullmatch(self.commit):
             raise RepoSyncError(f"commit id {self.commit!r} is not a full hex object id")
 
+    def to_dict(self) -> dict[str, str | bool | None]:
+        """JSON-ready form (for ``--json`` status output and events)."""
+        return {
+            "commit": self.commit, "previous_commit": self.previous_commit,
+            "checkout_dir": str(self.checkout_dir), "changed": self.changed,
+            "commit_time": self.commit_time.isoformat(), "author": self.author,
+            "message": self.message, "signer": self.signer,
+        }
+
 
 class _ProfileFetcher(GitFetcher):
     """A :class:`GitFetcher` whose cache is the profile's fixed ``repo.git``."""
@@ -273,7 +282,7 @@ class RepoSync:
             current = getattr(pygit2.settings, name)
             if current <= 0 or current > cap_ms:
                 setattr(pygit2.settings, name, cap_ms)
-        first = not (self.gitops_dir / "repo.git").exists()
+        first = not self._has_fetched()
         try:
             if first:
                 with self.events.span("bstore.git.clone", underscore=True,
@@ -290,6 +299,17 @@ class RepoSync:
                 " apps are left as they are",
                 previous_commit=previous,
             ) from exc
+
+    def _has_fetched(self) -> bool:
+        """Whether repo.git holds a completed fetch (a failed clone leaves it empty)."""
+        path = self.gitops_dir / "repo.git"
+        if not path.exists():
+            return False
+        try:
+            refs = pygit2.Repository(str(path)).references
+            return any(name.startswith("refs/remotes/origin/") for name in refs)
+        except pygit2.GitError:
+            return False
 
     def _tip(self, repo: pygit2.Repository) -> str:
         try:
