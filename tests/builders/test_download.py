@@ -235,3 +235,8 @@ def test_fetch_bytes_returns_the_body(local_server: LocalServer, http_client: ht
     local_server.routes["/big"] = Route(behaviour="endless")
     with pytest.raises(DownloadTooLarge):
         fetch_bytes(http_client, local_server.url("/big"), policy=DownloadPolicy(max_size=100))
+
+
+def test_missing_destination_directory(http_client: httpx.Client, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match=r"cannot create a download file in .*nowhere"):
+        download(http_client, "http://127.0.0.1:9/x", tmp_path / "nowhere")

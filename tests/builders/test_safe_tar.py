@@ -278,3 +278,16 @@ def test_later_member_replaces_earlier_file_and_symlink(tmp_path: Path) -> None:
     )
     extract_bytes(data, tmp_path / "out", label="dup.tar")
     assert tree(tmp_path / "out") == {"f": "new", "l": "plain"}
+
+
+def test_hard_link_bomb_counts_every_copy(tmp_path: Path) -> None:
+    # 1 KiB stored once, linked 100 times: 100 KiB written from a ~60 KiB stream.
+    members: list[Member] = [("f", "file", b"x" * 1024, 0o644)]
+    members += [(f"l{i}", "hard", "f", 0o644) for i in range(100)]
+    data = make_tar(members)
+    limits = ExtractLimits(max_total_size=80 * 1024)
+    assert len(data) < 80 * 1024
+    with pytest.raises(UnsafeArchiveError, match="writes more than 81920 bytes") as info:
+        extract_bytes(data, tmp_path / "out", label="links.tar", limits=limits)
+    assert "at member 'l" in info.value.message
+    assert not (tmp_path / "out").exists()

@@ -261,7 +261,13 @@ def download(
     any failure no file is left behind. Raises :class:`DownloadError` (and subclasses).
     """
     expected = parse_sha256(sha256) if sha256 is not None else None
-    fd, name = tempfile.mkstemp(dir=dest_dir, prefix=".download-", suffix=".part")
+    try:
+        fd, name = tempfile.mkstemp(dir=dest_dir, prefix=".download-", suffix=".part")
+    except OSError as exc:
+        raise DownloadError(
+            f"cannot create a download file in {str(dest_dir)!r} for {redact(url)!r}: "
+            f"{exc.strerror or exc}"
+        ) from exc
     path = Path(name)
     out = os.fdopen(fd, "w+b")
 

@@ -52,7 +52,8 @@ class ExtractLimits:
     """Caps applied while extracting one archive.
 
     ``max_total_size`` bounds the *uncompressed* tar stream (headers included), which is
-    what stops a compression bomb; ``max_member_size`` bounds one member's content.
+    what stops a compression bomb, and also the bytes written (hard links are copies);
+    ``max_member_size`` bounds one member's content.
     """
 
     max_members: int = 100_000
@@ -303,6 +304,14 @@ def _extract(fileobj: BinaryIO, dest: Path, label: str, limits: ExtractLimits) -
                         hint="the archive is too large; raise the cap only for a trusted source",
                     )
                 written += _extract_member(tar, member, dest, label, limits, regular, paths)
+                # Hard-link copies and sparse members write more than the stream holds.
+                if written > limits.max_total_size:
+                    raise UnsafeArchiveError(
+                        f"archive {label!r} writes more than {limits.max_total_size} bytes "
+                        f"(at member {member.name!r})",
+                        hint="the archive is too large or a hard-link bomb; raise the cap only "
+                        "if the source is trusted",
+                    )
     except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
         raise UnsafeArchiveError(f"archive {label!r} cannot be read: {exc}") from exc
     return ExtractReport(members=members, bytes_written=written, paths=tuple(paths))
