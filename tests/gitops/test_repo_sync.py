@@ -516,3 +516,12 @@ def test_failed_first_clone_is_retried_as_a_clone(
     assert data["checkout_dir"] == str(result.checkout_dir)
     assert data["author"] == "Alice Author <alice@example.org>"
     assert str(data["commit_time"]).endswith("+00:00")
+
+
+def test_unusable_gitops_dir_is_a_clear_error(remote: GitRemote, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    sync = RepoSync(remote.url, "main", tmp_path / "file" / "gitops")
+    with pytest.raises(RepoSyncError) as info:
+        sync.sync()
+    assert info.value.message.startswith(
+        f"cannot use the gitops directory {str(tmp_path / 'file' / 'gitops')!r}: ")

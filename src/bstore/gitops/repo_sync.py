@@ -219,7 +219,6 @@ class RepoSync:
         from it unless the policy allows history rewrites.
         """
         started = time.monotonic()
-        self.gitops_dir.mkdir(parents=True, exist_ok=True)
         with self._locked():
             previous = self.synced_commit()
             repo = self._fetch(previous)
@@ -254,7 +253,14 @@ class RepoSync:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         path = self.gitops_dir / "sync.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.gitops_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise RepoSyncError(
+                f"cannot use the gitops directory {str(self.gitops_dir)!r}: {exc.strerror}",
+                hint="check local_path / --root and its permissions",
+            ) from exc
         deadline = time.monotonic() + self.limits.fetch_seconds + 60.0
         try:
             while True:
