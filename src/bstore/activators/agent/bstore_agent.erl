@@ -284,10 +284,9 @@ op(suspend, [App]) when is_atom(App) ->
 op(suspend, [App, Mods]) when is_atom(App), is_list(Mods) ->
     suspend_app(App, Mods);
 op(resume, [App]) when is_atom(App) ->
-    case app_processes(App, all) of
-        {ok, Procs} -> resume_all([P || {P, _} <- Procs]);
-        Error -> Error
-    end;
+    %% Not by walking the tree: which_children on a suspended supervisor never returns.
+    resume_all([P || P <- erlang:processes(), is_suspended(P),
+                     application:get_application(P) =:= {ok, App}]);
 op(resume, [Pids]) when is_list(Pids) ->
     resume_all([P || P <- Pids, is_pid(P)]);
 op(change_code, [Pid, Mod, OldVsn, Extra]) when is_pid(Pid), is_atom(Mod) ->
@@ -370,10 +369,17 @@ module_vsn(Mod) ->
             undefined;
         _ ->
             case lists:keyfind(vsn, 1, Mod:module_info(attributes)) of
-                {vsn, [Vsn]} when not is_integer(Vsn) -> Vsn;
-                {vsn, Vsn} -> Vsn;
-                false -> undefined
+                false -> undefined;
+                {vsn, Vsn} -> unwrap_vsn(Vsn)
             end
+    end.
+
+%% As release_handler_1:get_vsn/1: a string stays, a one-element list is unwrapped.
+unwrap_vsn(Vsn) ->
+    case io_lib:printable_unicode_list(Vsn) of
+        true -> Vsn;
+        false when is_list(Vsn), length(Vsn) =:= 1 -> hd(Vsn);
+        false -> Vsn
     end.
 
 %% ---------------------------------------------------------------- process tree
@@ -439,6 +445,13 @@ suspend_all([Pid | Rest], Done) ->
         Other ->
             _ = resume_all(Done),
             {error, Pid, Other}
+    end.
+
+%% A process suspended by sys waits in sys:suspend_loop.
+is_suspended(Pid) ->
+    case erlang:process_info(Pid, current_function) of
+        {current_function, {sys, suspend_loop, _}} -> true;
+        _ -> false
     end.
 
 resume_all(Pids) ->
