@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 
@@ -9,6 +10,8 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from hexrepo import ServedHexRepo, public_pem
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from localhttp import Route
 
 from bstore.builders.download import DownloadError, DownloadPolicy
@@ -195,3 +198,25 @@ def test_public_pem_helper_matches_repo_config(
     hex_repo: ServedHexRepo, hex_key: RSAPrivateKey
 ) -> None:
     assert hex_repo.repo.public_key_pem == public_pem(hex_key)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_decoding_random_bytes_fails_only_with_protobuf_errors(data: bytes) -> None:
+    for message in (Signed, Package, Release, Dependency, Names, Versions):
+        with contextlib.suppress(ProtobufError):
+            message.decode(data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.text(min_size=1, max_size=20),
+    st.text(max_size=20),
+    st.booleans(),
+    st.one_of(st.none(), st.text(max_size=10)),
+)
+def test_dependency_round_trips(
+    package: str, requirement: str, optional: bool, app: str | None
+) -> None:
+    dep = Dependency(package, requirement, optional, app)
+    assert Dependency.decode(dep.encode()) == dep

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from hexrepo import ServedHexRepo
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bstore.builders.hex.errors import LockError
 from bstore.builders.hex.locks import (
@@ -199,3 +202,17 @@ def test_rebar_lock_written_by_rebar3(hex_repo: ServedHexRepo, tmp_path: Path) -
     tarball = hex_repo.builder.release("hexa_leaf", leaf.version or "").tarball()
     assert leaf.outer_checksum == hashlib.sha256(tarball).hexdigest().upper()
     assert leaf.level == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet='%{}[]",:=> \nabc019_-#\\', max_size=60))
+def test_random_mix_text_fails_only_with_lock_errors(text: str) -> None:
+    with contextlib.suppress(LockError):
+        parse_mix_lock(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet='[]{}<>",.pkg 019\n%', max_size=60))
+def test_random_rebar_text_fails_only_with_lock_errors(text: str) -> None:
+    with contextlib.suppress(LockError):
+        parse_rebar_lock(text)

@@ -9,9 +9,12 @@ import lzma
 import os
 import stat
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bstore.builders.safe_tar import (
     ExtractLimits,
@@ -291,3 +294,15 @@ def test_hard_link_bomb_counts_every_copy(tmp_path: Path) -> None:
         extract_bytes(data, tmp_path / "out", label="links.tar", limits=limits)
     assert "at member 'l" in info.value.message
     assert not (tmp_path / "out").exists()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=3000), st.sampled_from(["", "gz"]))
+def test_random_bytes_fail_only_with_unsafe_archive_errors(data: bytes, compress: str) -> None:
+    payload = gzip.compress(data) if compress else data
+    with tempfile.TemporaryDirectory() as tmp:
+        dest = Path(tmp) / "out"
+        try:
+            extract_bytes(payload, dest, label="fuzz.tar")
+        except UnsafeArchiveError:
+            assert not dest.exists()

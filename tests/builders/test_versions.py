@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import shutil
 import subprocess
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bstore.builders.hex.errors import VersionError
 from bstore.builders.hex.versions import Requirement, Version
@@ -206,3 +209,39 @@ def test_tilde_bounds() -> None:
     assert three.upper() == Version(2, 2, 0, (0,))
     assert Requirement.parse("~> 2.1.3-dev").mentions_pre
     assert not Requirement.parse("~> 2.1.3").mentions_pre
+
+
+_ident = st.one_of(
+    st.integers(min_value=0, max_value=10**6).map(str),
+    st.from_regex(r"[A-Za-z-][0-9A-Za-z-]{0,5}", fullmatch=True),
+)
+_versions = st.builds(
+    lambda a, b, c, pre, build: (
+        f"{a}.{b}.{c}"
+        + ("-" + ".".join(pre) if pre else "")
+        + ("+" + ".".join(build) if build else "")
+    ),
+    st.integers(0, 10**6),
+    st.integers(0, 10**6),
+    st.integers(0, 10**6),
+    st.lists(_ident, max_size=3),
+    st.lists(_ident, max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_versions, _versions)
+def test_versions_round_trip_and_order_totally(a: str, b: str) -> None:
+    va, vb = Version.parse(a), Version.parse(b)
+    assert str(va) == a
+    assert Version.parse(str(va)) == va
+    assert (va < vb) + (va == vb) + (va > vb) == 1
+    assert Requirement.parse(f"== {a}").matches(va)
+    assert Requirement.parse(f">= {a}").matches(vb) == (vb >= va)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40))
+def test_random_requirements_parse_or_fail_cleanly(text: str) -> None:
+    with contextlib.suppress(VersionError):
+        Requirement.parse(text)
