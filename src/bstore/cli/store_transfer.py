@@ -16,8 +16,10 @@ from bstore.errors import BstoreError
 from bstore.store.archive import DEFAULT_MAX_BYTES, export_paths, import_stream
 from bstore.store.local import LocalStore
 from bstore.store.paths import StorePath
-from bstore.store.verify import ProblemKind, repair_from_stream, verify_store
+from bstore.store.verify import DAMAGE, ProblemKind, repair_from_stream, verify_store
 
+#: What --repair can act on: damaged trees, rows deleted behind the store's back.
+_REPAIRABLE = DAMAGE | {ProblemKind.UNREGISTERED, ProblemKind.DANGLING_REFERENCE}
 _MAX_SIZE_HELP = (f"Refuse streams that expand beyond SIZE (default"
                   f" {DEFAULT_MAX_BYTES >> 30}G), e.g. 500M.")
 
@@ -122,8 +124,8 @@ def verify_cmd(ctx: click.Context, app: AppContext, paths: tuple[str, ...],
     with LocalStore.open(app.root, create=False) as st:
         wanted = [st.parse_path(p) for p in paths] or None
         report = verify_store(st, wanted, check_contents=check_contents or repair)
-        if repair and source is not None and (report.damaged() or any(
-                p.kind is ProblemKind.UNREGISTERED for p in report.problems)):
+        if repair and source is not None and any(
+                p.kind in _REPAIRABLE for p in report.problems):
             limit = DEFAULT_MAX_BYTES if max_size is None else parse_size(max_size)
             raw, name = _open_input(source)
             try:
