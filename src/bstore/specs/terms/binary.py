@@ -23,6 +23,12 @@ _ENDIANS = {"big", "little", "native"}
 _NATIVE = "little"
 
 
+# A 15-byte literal like <<1:100000000000>> would otherwise ask for gigabytes: no segment,
+# and no text's binaries together (see the parser), may exceed a few times the 1 MiB cap
+# on spec files.
+MAX_SEGMENT_BITS = 8 * 4 * 1024 * 1024
+
+
 class SegmentError(ValueError):
     """A segment ``eval_bits`` would refuse; the parser adds the position."""
 
@@ -98,6 +104,8 @@ def segment_bits(value: object, size: int | None, seg: SegmentType) -> tuple[int
         if type(value) is not int:
             raise SegmentError(f"integer segment needs an integer, got {value!r}")
         nbits = (8 if size is None else size) * (seg.unit or 1)
+        if nbits > MAX_SEGMENT_BITS:
+            raise SegmentError(f"segment of {nbits} bits is larger than bstore allows")
         return _integer_bits(value, nbits, seg.endian), nbits
     if kind == "float":
         if not isinstance(value, int | float) or isinstance(value, bool):
@@ -141,20 +149,73 @@ def segment_bits(value: object, size: int | None, seg: SegmentType) -> tuple[int
     return int.from_bytes(encoded, "big"), len(encoded) * 8
 
 
-def string_segments(text: str, size: int | None, seg: SegmentType) -> tuple[int, int]:
-    """A string written inside a binary: one segment per character, same type each."""
+def write_string(writer: BitWriter, text: str, size: int | None, seg: SegmentType) -> int:
+    """A string written inside a binary: one segment per character, all of the same type.
+
+    Returns the number of bits written.
+    """
     if (
         seg.type == "integer"
         and seg.endian == "big"
         and (8 if size is None else size) * (seg.unit or 1) == 8
     ):
         # The common case <<"text">>: every character truncated to a byte (band 255).
-        data = bytes(ord(c) & 0xFF for c in text) if not text.isascii() else text.encode()
-        return int.from_bytes(data, "big"), len(data) * 8
-    acc, count = 0, 0
+        data = text.encode() if text.isascii() else bytes([ord(c) & 0xFF for c in text])
+        return writer.write_bytes(data)
+    if seg.type == "utf8":
+        # Characters of a scanned string are valid code points, so this cannot fail.
+        return writer.write_bytes(text.encode("utf-8"))
     if not text:
         segment_bits(0, size, seg)  # eval_bits checks the type even for ""
+    written = 0
     for char in text:
         bits, nbits = segment_bits(ord(char), size, seg)
-        acc, count = (acc << nbits) | bits, count + nbits
-    return acc, count
+        writer.write(bits, nbits)
+        written += nbits
+    return written
+
+
+class BitWriter:
+    """Concatenates segments bit by bit in linear time (whole bytes go straight out)."""
+
+    def __init__(self, max_bits: int) -> None:
+        self._max_bits = max_bits
+        self._out = bytearray()
+        self._pending = 0  # the last count % 8 bits, not yet a whole byte
+        self._pending_bits = 0
+
+    @property
+    def bit_count(self) -> int:
+        """How many bits have been written."""
+        return len(self._out) * 8 + self._pending_bits
+
+    def write(self, bits: int, count: int) -> None:
+        """Append the low ``count`` bits of ``bits``, most significant first."""
+        self._check(count)
+        value = (self._pending << count) | bits
+        total = self._pending_bits + count
+        whole, rest = divmod(total, 8)
+        if whole:
+            self._out += (value >> rest).to_bytes(whole, "big")
+        self._pending = value & ((1 << rest) - 1)
+        self._pending_bits = rest
+
+    def write_bytes(self, data: bytes) -> int:
+        """Append whole bytes; returns the number of bits written."""
+        self._check(len(data) * 8)
+        if self._pending_bits:
+            self.write(int.from_bytes(data, "big"), len(data) * 8)
+        else:
+            self._out += data
+        return len(data) * 8
+
+    def _check(self, count: int) -> None:
+        if self.bit_count + count > self._max_bits:
+            raise SegmentError(
+                f"binaries in one text may hold at most {MAX_SEGMENT_BITS // 8} bytes in all"
+            )
+
+    def getvalue(self) -> bytes:
+        """The bytes written; only valid when :attr:`bit_count` is a multiple of 8."""
+        assert self._pending_bits == 0
+        return bytes(self._out)

@@ -38,9 +38,9 @@ MAX_ATOM_LENGTH = 255
 
 # Erlang treats code points 0-32 and 128-160 as white space (?WHITE_SPACE in erl_scan).
 _WS_CHARS = r"\x00-\x20\x80-\xa0"
-# Characters erl_scan refuses anywhere (not ?UNICODE); surrogates cannot reach us because
-# the text was decoded strictly.
-_BAD = r"\ufffe\uffff"
+# Characters erl_scan refuses anywhere (not ?UNICODE). Strictly decoded files hold no
+# surrogates, but text handed to parse() directly might.
+_BAD = r"\ud800-\udfff\ufffe\uffff"
 _NAME = r"[a-zA-Z0-9_@\xc0-\xd6\xd8-\xf6\xf8-\xff]*"
 _DIGITS = r"[0-9]+(?:_[0-9]+)*"
 _ESCAPE_IN_CHAR = r"\\(?:[0-7]{1,3}|x\{[0-9a-fA-F]*\}|x[0-9a-fA-F]{2}|\^[\s\S]|[^x" + _BAD + "])"
@@ -160,18 +160,29 @@ def _decode_escapes(body: str, text: str, source: str, body_offset: int) -> str:
     return _ESCAPE.sub(replace, body)
 
 
-def _describe_bad(text: str, offset: int) -> tuple[str, str | None]:
-    """Explain why no token starts at ``offset`` (used only on the error path)."""
+_QUOTED_PREFIX = {
+    '"': re.compile(rf'"(?:[^"\\{_BAD}]|\\[^{_BAD}])*'),
+    "'": re.compile(rf"'(?:[^'\\{_BAD}]|\\[^{_BAD}])*"),
+}
+
+
+def _describe_bad(text: str, offset: int) -> tuple[int, str, str | None]:
+    """Where and why no token starts at ``offset`` (used only on the error path)."""
     char = text[offset]
-    if char == '"':
-        return "unterminated string or illegal character in string", 'close it with "'
-    if char == "'":
-        return "unterminated quoted atom or illegal character in it", "close it with '"
+    if char in _QUOTED_PREFIX:
+        what = "string" if char == '"' else "quoted atom"
+        match = _QUOTED_PREFIX[char].match(text, offset)
+        end = match.end() if match else offset + 1
+        if end >= len(text):
+            return offset, f"unterminated {what}", f"close it with {char}"
+        if text[end] == "\\":
+            end += 1
+        return end, f"illegal character U+{ord(text[end]):04X} in {what}", None
     if char == "$":
-        return "invalid character literal", "write e.g. $a, $\\n or $\\x{1F600}"
-    if char in "\ufffe\uffff":
-        return f"illegal character U+{ord(char):04X}", None
-    return f"illegal character {char!r}", None
+        return offset, "invalid character literal", "write e.g. $a, $\\n or $\\x{1F600}"
+    if not is_unicode_scalar(ord(char)):
+        return offset, f"illegal character U+{ord(char):04X}", None
+    return offset, f"illegal character {char!r}", None
 
 
 def tokenize(text: str, source: str) -> list[Token]:
@@ -233,8 +244,8 @@ def tokenize(text: str, source: str) -> list[Token]:
         elif group == _EOF:
             break
         else:
-            what, hint = _describe_bad(text, start)
-            raise syntax_error(text, source, start, what, hint)
+            where, what, hint = _describe_bad(text, start)
+            raise syntax_error(text, source, where, what, hint)
     append(("eof", None, len(text)))
     return tokens
 

@@ -21,7 +21,14 @@ from __future__ import annotations
 from typing import Any
 
 from bstore.specs.located import Located, Position
-from bstore.specs.terms.binary import SegmentError, SegmentType, segment_bits, string_segments
+from bstore.specs.terms.binary import (
+    MAX_SEGMENT_BITS,
+    BitWriter,
+    SegmentError,
+    SegmentType,
+    segment_bits,
+    write_string,
+)
 from bstore.specs.terms.errors import TermSyntaxError
 from bstore.specs.terms.lexer import LineIndex, Token, tokenize
 from bstore.specs.terms.model import Atom, ImproperList, Term, exactly_equal
@@ -33,6 +40,9 @@ MAX_DEPTH = 256
 # Each nested << >> costs a few Python stack frames (segment values are parsed by a
 # recursive call), so binaries inside binaries get their own, smaller bound.
 MAX_BINARY_NESTING = 50
+# Sized segments can make a short literal huge (<<0:80000000>>); all binaries built from
+# one text together stay within a few times the largest spec file.
+MAX_BINARY_BITS = MAX_SEGMENT_BITS
 
 _TUPLE, _LIST, _TAIL, _MAP_KEY, _MAP_VALUE, _PAREN, _UNARY = range(7)
 _OPENERS = frozenset(["{", "[", "(", "#", "-", "+"])
@@ -82,6 +92,8 @@ class _Parser:
         self.tokens = tokenize(text, source)
         self._lines: LineIndex | None = None
         self.binary_nesting = 0
+        self.binary_bits = 0
+        self.last_string = ""  # the text of the latest string literal, for binaries
 
     # -- positions and errors -------------------------------------------------------
 
@@ -144,6 +156,7 @@ class _Parser:
                     value = "".join(parts)
                 term = list(map(ord, value))
                 lit = _STRING
+                self.last_string = value
             elif kind in _OPENERS:
                 if kind == "#":
                     if tokens[index][0] != "{":
@@ -337,7 +350,8 @@ class _Parser:
         tokens = self.tokens
         if tokens[index][0] == ">>":
             return b"", index + 1
-        acc, count = 0, 0
+        # Nested binaries count again in their parent: conservative, and still bounded.
+        writer = BitWriter(MAX_BINARY_BITS - self.binary_bits)
         while True:
             start = tokens[index][2]
             value, _, lit, index = self.term(index, depth)
@@ -371,25 +385,24 @@ class _Parser:
             try:
                 seg = SegmentType.resolve(specifiers, size is not None)
                 if lit == _STRING:
-                    assert isinstance(value, list)
-                    text = "".join([chr(code) for code in value if isinstance(code, int)])
-                    bits, nbits = string_segments(text, size, seg)
+                    write_string(writer, self.last_string, size, seg)
                 else:
-                    bits, nbits = segment_bits(value, size, seg)
+                    writer.write(*segment_bits(value, size, seg))
             except SegmentError as exc:
                 raise self.error(start, f"invalid binary segment: {exc}") from None
-            acc, count = (acc << nbits) | bits, count + nbits
             kind = tokens[index][0]
             index += 1
             if kind == ">>":
                 break
             if kind != ",":
                 raise self.expected("',' or '>>' in binary", index - 1)
-        if count % 8:
+        if writer.bit_count % 8:
             raise self.error(
-                start, f"binary of {count} bits is a bitstring, which bstore cannot represent"
+                start,
+                f"binary of {writer.bit_count} bits is a bitstring, which bstore cannot represent",
             )
-        return acc.to_bytes(count // 8, "big"), index
+        self.binary_bits += writer.bit_count
+        return writer.getvalue(), index
 
 
 def _latin1_bytes(text: str) -> bytes:
