@@ -108,17 +108,23 @@ class HostNodeStatus:
     problem: str | None = None
 
 
-def process_start_time(pid: int) -> int | None:
-    """The kernel start time (clock ticks since boot) of ``pid``, None if it is gone or a zombie."""
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks since boot) of ``pid``, None if gone."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
     fields = raw[raw.rfind(b")") + 2 :].split()
-    if len(fields) < 20 or fields[0] == b"Z":
+    if len(fields) < 20:
         return None
-    return int(fields[19])
+    return fields[0].decode("ascii", "replace"), int(fields[19])
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel start time (clock ticks since boot) of ``pid``, None if it is gone or a zombie."""
+    stat = _proc_stat(pid)
+    return None if stat is None or stat[0] == "Z" else stat[1]
 
 
 @contextlib.contextmanager
@@ -139,14 +145,16 @@ def _pinned(record: NodeRecord) -> Iterator[int | None]:
         os.close(fd)
 
 
-def _reap(pid: int) -> None:
-    # A node started by this very process becomes our zombie when it dies.
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+def _reap(record: NodeRecord) -> None:
+    # A node started by this very process becomes our zombie when it dies. Reap only
+    # that zombie: waiting on a recycled pid could steal another child's exit status.
+    if _proc_stat(record.pid) == ("Z", record.start_time):
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(record.pid, os.WNOHANG)
 
 
 def _is_running(record: NodeRecord) -> bool:
-    _reap(record.pid)
+    _reap(record)
     return process_start_time(record.pid) == record.start_time
 
 
