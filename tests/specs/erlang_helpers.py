@@ -151,6 +151,29 @@ Hex = fun(B) -> binary:encode_hex(B) end,
 Loop = fun Loop() ->
     case io:get_line("") of
         eof -> halt();
+        <<"C ", Rest/binary>> ->
+            [SrcHex, OursHex] = string:split(string:trim(Rest), " "),
+            Src = unicode:characters_to_list(binary:decode_hex(SrcHex)),
+            Erl = try
+                      {ok, Tokens, _} = erl_scan:string(Src),
+                      {ok, T0} = erl_parse:parse_term(Tokens),
+                      {ok, T0}
+                  catch _:_ -> error
+                  end,
+            Answer = case {Erl, OursHex} of
+                         {error, <<"-">>} -> "agree";
+                         {error, _} -> "erl-refuses";
+                         {{ok, B0}, <<"-">>} when is_bitstring(B0), not is_binary(B0) ->
+                             "agree";
+                         {{ok, _}, <<"-">>} -> "erl-accepts";
+                         {{ok, T1}, _} ->
+                             case T1 =:= binary_to_term(binary:decode_hex(OursHex)) of
+                                 true -> "agree";
+                                 false -> "different"
+                             end
+                     end,
+            io:put_chars([Answer, "\n"]),
+            Loop();
         Line ->
             [EtfHex, TextHex] = string:split(string:trim(Line), " "),
             Term = binary_to_term(binary:decode_hex(EtfHex)),
@@ -203,6 +226,17 @@ class ErlangPort:
             bytes.fromhex(pretty).decode("utf-8"),
             bytes.fromhex(written).decode("utf-8"),
         )
+
+    def compare(self, source: str, ours: Term | None) -> str:
+        """Whether erl reads the one-term ``source`` as we do: ``agree`` (same term, or
+        both refuse, or erl builds a bitstring we refuse on purpose), ``erl-refuses``,
+        ``erl-accepts`` (we refused) or ``different``. ``ours`` is None when we refused."""
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        etf = "-" if ours is None else to_etf(ours).hex()
+        request = "C " + source.encode("utf-8").hex() + " " + etf + "\n"
+        self._proc.stdin.write(request.encode("ascii"))
+        self._proc.stdin.flush()
+        return self._proc.stdout.readline().decode("ascii").strip()
 
     def close(self) -> None:
         """Stop the VM (closing stdin makes it halt)."""

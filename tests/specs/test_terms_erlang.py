@@ -195,3 +195,29 @@ def test_generated_atoms_strings_binaries(
     assert verdict == "same", (term, format(term))
     for text in (pretty, written):
         assert exactly_equal(parse(text)[0], term), text
+
+
+# -- random token soup: we accept exactly what erl accepts ---------------------------------
+
+FRAGMENTS = [
+    *("a", "B", "_", "1", "2", "16#", "F", "f", "#", "{", "}", "[", "]", "(", ")", "<<", ">>"),
+    *(",", "|", "||", "-", "+", "=>", ":=", ":", "/", ".", ". ", " ", "\n", '"', "'", "$"),
+    *("\\", "x", "{1F}", "e", "0", "_0", "_", "utf8", "binary", "unit", "8", "%", "end", "fun"),
+    *('"ab"', "'q'", "#{", "1.5", "$a", "little", "float", "\t", "^", "n", "7", "z", "-1"),
+    *("<", ">", "=", "é", "Ω", "\u00a0", "*", "a@b", '""', "[]", "{}", "<<>>", "#{}", "1e3"),
+    *("0.5e", ".0", "integer", "signed", "36#", "zz", ":16", "/utf16", "-big", ":3", "256"),
+]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=12))
+def test_token_soup_accepted_exactly_when_erl_accepts(
+    erl_port: ErlangPort, fragments: list[str]
+) -> None:
+    source = "".join(fragments) + "."
+    try:
+        terms = parse(source)
+        ours = terms[0] if len(terms) == 1 else None
+    except TermSyntaxError:
+        ours = None
+    assert erl_port.compare(source, ours) == "agree", source
