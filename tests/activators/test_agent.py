@@ -626,3 +626,34 @@ def test_pid_values_round_trip_to_the_node(client: AgentClient, app: BuiltApp) -
     assert all(isinstance(p, Pid) and p.node == Atom("nonode@nohost") for p in pids)
     client.resume(pids)
     assert client.process_info(dataclasses.replace(pids[0], id=32767, serial=8191)) is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"code_paths": [Path("relative/ebin")]}, "code path relative/ebin is not an absolute"),
+        ({"code_paths": [Path("/nonexistent/ebin")]}, "code path /nonexistent/ebin is not an"),
+        ({"node_name": "bad name!"}, "node name 'bad name!' is not valid"),
+    ],
+)
+def test_start_rejects_bad_arguments(
+    tmp_path: Path, agent_ebin: Path, kwargs: dict[str, object], message: str
+) -> None:
+    host = HostNode(tmp_path / "st", "args")
+    with pytest.raises(HostNodeError, match=re.escape(message)):
+        host.start(agent_ebin, **kwargs)  # type: ignore[arg-type]
+    assert not host.status().running
+
+
+def test_start_rejects_a_socket_path_too_long(tmp_path: Path, agent_ebin: Path) -> None:
+    host = HostNode(tmp_path / ("d" * 120), "long")
+    with pytest.raises(HostNodeError, match="longer than 107 bytes"):
+        host.start(agent_ebin)
+
+
+def test_start_reports_a_node_that_dies_at_once(tmp_path: Path, agent_ebin: Path) -> None:
+    host = HostNode(tmp_path / "st", "dies")
+    with pytest.raises(HostNodeError, match="exited") as info:
+        host.start(agent_ebin, extra_args=["-bstore_agent_socket", "/second/arg"])
+    assert "expected exactly one -bstore_agent_socket" in str(info.value)
+    assert not host.paths.record.exists()
