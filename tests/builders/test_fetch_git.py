@@ -7,6 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pygit2
 import pytest
 
 from bstore.builders.fetch_git import (
@@ -156,3 +157,45 @@ def test_export_size_cap(upstream: Path, tmp_path: Path) -> None:
     f = fetcher(tmp_path, export_bytes=5)
     with pytest.raises(GitFetchError, match="larger than 5"):
         f.export(url, f.resolve(url, "main"), tmp_path / "out")
+
+
+def _raw_commit(upstream: Path, entries: list[tuple[int, bytes, bytes]]) -> None:
+    """Commit a hand-made tree (bypassing git's own checks) as the new ``main``."""
+    repo = pygit2.Repository(str(upstream))
+    raw = b""
+    for mode, name, content in entries:
+        raw += b"%o %s\0" % (mode, name) + repo.create_blob(content).raw
+    tree = repo.odb.write(pygit2.enums.ObjectType.TREE, raw)
+    sig = pygit2.Signature("Mallory", "mallory@example.invalid")
+    head = repo.references["refs/heads/main"].target
+    commit = repo.create_commit(None, sig, sig, "crafted", tree, [head])
+    repo.references.create("refs/heads/main", commit, force=True)
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        # l -> . and y -> l/.. each look harmless; together y is the parent of the tree,
+        # and a blob named "y/x" would be written through it.
+        ([(0o120000, b"l", b"."), (0o120000, b"y", b"l/.."), (0o100644, b"y/x", b"pwn")],
+         "has a '/' in its name"),
+        ([(0o120000, b"l", b"."), (0o120000, b"y", b"l/..")], "resolves outside"),
+        ([(0o120000, b"a", b"x"), (0o100644, b"a", b"second")], "appears twice"),
+        ([(0o100644, b"..", b"x")], "'.' or '..' component"),
+        ([(0o100644, b".git", b"x")], "'.git' entry"),
+    ],
+)
+def test_crafted_trees_are_refused(
+    upstream: Path, tmp_path: Path, entries: list[tuple[int, bytes, bytes]], message: str
+) -> None:
+    _raw_commit(upstream, entries)
+    url = f"file://{upstream}"
+    f = fetcher(tmp_path)
+    commit = f.resolve(url, "main")
+    out = tmp_path / "exports" / "out"
+    out.parent.mkdir()
+    with pytest.raises(GitFetchError) as info:
+        f.export(url, commit, out)
+    assert message in info.value.message
+    assert list(out.parent.iterdir()) == []
+    assert not (out.parent / "x").exists()

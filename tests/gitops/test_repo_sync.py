@@ -284,7 +284,7 @@ _BLOB, _LINK = 0o100644, 0o120000
         ([(_LINK, b"l", b"."), (_LINK, b"y", b"l/.."), (_BLOB, b"y/x", b"pwned")],
          "has a '/' in its name"),
         ([(_LINK, b"l", b"."), (_LINK, b"y", b"l/..")],
-         "symlink 'y' -> 'l/..' resolves outside the checkout"),
+         "symlink 'y' -> 'l/..' resolves outside the source tree"),
     ],
 )
 def test_hand_made_tree_tricks_are_rejected(

@@ -23,6 +23,7 @@ import blake3
 import pygit2
 
 from bstore.errors import BstoreError
+from bstore.store.links import find_escaping_link
 from bstore.store.manifest import InvalidTreeError, symlink_escapes, validate_entry_path
 
 #: A 40-hex (SHA-1) or 64-hex (SHA-256) object id given as a ref is taken as a commit.
@@ -266,16 +267,59 @@ def export_tree(
     limits: GitLimits,
     log: Callable[[str], None] = lambda _m: None,
 ) -> None:
-    """Write ``tree`` into ``dest`` from the object database, checking every entry."""
+    """Write ``tree`` into ``dest`` from the object database, checking every entry.
+
+    Entry names with ``/`` or appearing twice in one directory (git never writes
+    either; a crafted tree can hold them) are refused, so every file is written into a
+    directory this function created and never through a symlink; after writing, every
+    symlink is resolved and must stay inside ``dest`` (catching chains of links).
+    """
     dest.mkdir()
+    try:
+        _write_tree(repo, tree, dest, where, limits, log)
+        escaping = find_escaping_link(dest)
+        if escaping is not None:
+            raise GitFetchError(
+                f"{where}: symlink {escaping[0]!r} -> {escaping[1]!r} resolves outside"
+                " the source tree",
+                hint="sources may only contain symlinks that stay inside them",
+            )
+    except OSError as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise GitFetchError(
+            f"{where}: cannot export the tree: {exc}",
+            hint="the tree has entries git itself would not write; fix the repository",
+        ) from exc
+    except BaseException:
+        # Nothing half-exported is left for a caller to mistake for a source tree.
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def _write_tree(
+    repo: pygit2.Repository,
+    tree: pygit2.Tree,
+    dest: Path,
+    where: str,
+    limits: GitLimits,
+    log: Callable[[str], None],
+) -> None:
     total = 0
     count = 0
     stack: list[tuple[pygit2.Tree, bytes]] = [(tree, b"")]
     while stack:
         current, prefix = stack.pop()
+        seen: set[bytes] = set()
         for entry in current:
             name = _entry_name(entry)
             rel = prefix + b"/" + name if prefix else name
+            if b"/" in name or name in seen:
+                problem = "has a '/' in its name" if b"/" in name else "appears twice"
+                raise GitFetchError(
+                    f"{where}: tree entry {rel.decode('utf-8', 'replace')!r} {problem}",
+                    hint="the repository was crafted by hand; fix it and push again",
+                )
+            seen.add(name)
             try:
                 validate_entry_path(rel)
             except InvalidTreeError as exc:

@@ -365,9 +365,7 @@ class RepoSync:
         tmp.rmdir()  # export_tree creates the directory itself
         try:
             tree = commit.peel(pygit2.Tree)
-            _check_tree_names(repo, tree, where)
             export_tree(repo, tree, tmp, where, self.limits, self.log)
-            _check_links_stay_inside(tmp, where)
             os.rename(tmp, dest)
         except GitFetchError as exc:
             raise UnsafeCheckoutError(
@@ -393,57 +391,6 @@ class RepoSync:
 
 
 # --- tree safety ---------------------------------------------------------------------
-
-
-def _check_tree_names(repo: pygit2.Repository, tree: pygit2.Tree, where: str) -> None:
-    """Reject entry names git never writes: with '/', or twice in one directory.
-
-    Both would let a later entry be written *through* an earlier symlink, which the
-    per-link lexical check in ``export_tree`` cannot see.
-    """
-    stack = [(tree, "")]
-    while stack:
-        current, prefix = stack.pop()
-        seen: set[bytes] = set()
-        for entry in current:
-            raw = getattr(entry, "raw_name", None)
-            name = raw if isinstance(raw, bytes) else (entry.name or "").encode()
-            shown = prefix + name.decode("utf-8", "replace")
-            if b"/" in name:
-                raise UnsafeCheckoutError(
-                    f"{where}: tree entry {shown!r} has a '/' in its name",
-                    hint="the repository was crafted by hand; fix it and push again",
-                )
-            if name in seen:
-                raise UnsafeCheckoutError(
-                    f"{where}: tree entry {shown!r} appears twice in one directory",
-                    hint="the repository was crafted by hand; fix it and push again",
-                )
-            seen.add(name)
-            if entry.filemode == 0o040000:
-                stack.append((repo[entry.id].peel(pygit2.Tree), shown + "/"))
-
-
-def _check_links_stay_inside(root: Path, where: str) -> None:
-    """Resolve every symlink of the written tree; each must stay inside ``root``.
-
-    The lexical check per link misses chains (``a -> x/l/..`` where ``x/l -> ..``);
-    resolving through the real filesystem does not.
-    """
-    real_root = os.path.realpath(root)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                continue
-            resolved = os.path.realpath(path)
-            if os.path.commonpath([real_root, resolved]) != real_root:
-                rel = os.path.relpath(path, root)
-                raise UnsafeCheckoutError(
-                    f"{where}: symlink {rel!r} -> {os.readlink(path)!r} resolves outside"
-                    " the checkout",
-                    hint="specs repositories may only contain symlinks that stay inside",
-                )
 
 
 def _is_descendant(repo: pygit2.Repository, tip: str, ancestor: str) -> bool:
