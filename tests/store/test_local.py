@@ -382,3 +382,67 @@ def test_staging_dir_removed(store: LocalStore) -> None:
         write_tree(d, {"a": {"b": "c"}})
         (d / "a").chmod(0o555)
     assert not d.exists()
+
+
+# -- batches, hash, S2 helpers --------------------------------------------------------------
+
+
+def test_add_paths_batch(store: LocalStore, tmp_path: Path, sample_tree: Path) -> None:
+    srcs = [write_tree(tmp_path / f"s{i}", {"f": str(i)}) for i in range(5)]
+    single = store.add_path(srcs[0])
+    batch = store.add_paths([(s, None) for s in srcs] + [(sample_tree, "x"), (srcs[1], None)])
+    assert batch[0] == single and batch[1] == batch[-1]
+    assert batch == [store.add_path(s) for s in srcs] + [batch[5], batch[1]]
+    assert len(store.valid_paths()) == 6
+    assert os.listdir(store.layout.tmp_dir) == []
+    check_consistent(store)
+
+
+def test_add_paths_is_all_or_nothing(store: LocalStore, tmp_path: Path) -> None:
+    good = write_tree(tmp_path / "good", {"f": "x"})
+    bad = write_tree(tmp_path / "bad", {"f": "x"})
+    os.mkfifo(bad / "fifo")
+    with pytest.raises(InvalidTreeError, match="'fifo' is a FIFO"):
+        store.add_paths([(good, None), (bad, None)])
+    assert store.valid_paths() == [] and os.listdir(store.store_dir) == []
+    assert os.listdir(store.layout.tmp_dir) == []
+
+
+def test_root_symlink_refused(store: LocalStore, tmp_path: Path) -> None:
+    (tmp_path / "target").write_text("x")
+    (tmp_path / "link").symlink_to("target")
+    with pytest.raises(InvalidTreeError, match=r"symlink '\.' -> 'target' points outside"):
+        store.add_path(tmp_path / "link")
+    assert store.valid_paths() == []
+
+
+def test_hash_hex_recorded(store: LocalStore, sample_tree: Path) -> None:
+    src = store.add_path(sample_tree)
+    info = store.query_info(src)
+    assert info.hash_hex == info.mcid.rpartition("-")[2]
+    with store.staging_dir("o") as d:
+        out = store.register_tree(write_tree(d / "t", {"a": "b"}), "o", kind=PathKind.OUTPUT,
+                                  hash_hex="ef" * 32)
+    assert store.query_info(out).hash_hex == "ef" * 32
+    assert make_store_path(PathKind.OUTPUT, "ef" * 32, str(store.store_dir), "o") == out
+
+
+def test_dangling_references_and_relink(store: LocalStore, sample_tree: Path) -> None:
+    dep = store.add_path(sample_tree)
+    with store.staging_dir("o") as d:
+        out = store.register_tree(write_tree(d / "t", {"a": "b"}), "o", kind=PathKind.OUTPUT,
+                                  hash_hex="ef" * 32, references=[dep])
+    assert store.db.dangling_references() == []
+    # Someone deletes the row behind the store's back (sqlite3 CLI: foreign keys off).
+    conn = sqlite3.connect(store.layout.db_path)
+    dep_id = conn.execute("SELECT id FROM paths WHERE path = ?", (str(dep),)).fetchone()[0]
+    conn.execute("DELETE FROM paths WHERE id = ?", (dep_id,))
+    conn.commit()
+    conn.close()
+    assert store.db.dangling_references() == [(str(out), dep_id)]
+    with pytest.raises(PathNotValidError, match="cannot relink"):
+        store.db.relink_references(out, [dep])
+    store.add_path(sample_tree)  # re-registered under a new row id
+    store.db.relink_references(out, [dep])
+    assert store.db.dangling_references() == []
+    assert store.query_info(out).references == (dep,)

@@ -363,13 +363,15 @@ def _strip_xattrs(path: bytes) -> None:
         os.removexattr(path, name, follow_symlinks=False)
 
 
-def finish_root(path: Path) -> None:
-    """After the rename into ``store/``: make the top dir read-only, mtime 1, durable."""
+def finish_root(path: Path, *, sync: bool = True) -> None:
+    """After the rename into ``store/``: make the top dir read-only, mtime 1, and (with
+    ``sync``) durable — else the caller syncs the filesystem afterwards."""
     st = os.lstat(path)
     if stat.S_ISDIR(st.st_mode):
         os.chmod(path, 0o555)
         os.utime(path, ns=_TIMES)
-        fsync_path(path)
+        if sync:
+            fsync_path(path)
 
 
 def make_writable_dir(path: Path) -> None:

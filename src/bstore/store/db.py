@@ -33,6 +33,7 @@ CREATE TABLE paths (
     id INTEGER PRIMARY KEY,
     path TEXT NOT NULL UNIQUE,
     kind TEXT NOT NULL,
+    hash_hex TEXT NOT NULL,
     mcid TEXT NOT NULL,
     nar_size INTEGER NOT NULL,
     deriver TEXT,
@@ -69,6 +70,10 @@ class PathInfo:
     registration_time: int
     signatures: tuple[str, ...]
     kind: PathKind
+    #: What the digest was computed over: the MCID's hex for SOURCE paths, the
+    #: derivation (or generation) hash otherwise. ``make_store_path(kind, hash_hex,
+    #: store_dir, name)`` gives back ``store_path``.
+    hash_hex: str
 
     def __post_init__(self) -> None:
         validate_mcid(self.mcid)
@@ -88,6 +93,7 @@ class PathInfo:
             "registration_time": self.registration_time,
             "signatures": list(self.signatures),
             "kind": self.kind.value,
+            "hash": self.hash_hex,
         }
 
 
@@ -254,11 +260,11 @@ class Database:
     def query_info(self, sp: StorePath) -> PathInfo:
         """The :class:`PathInfo` of ``sp``; :class:`PathNotValidError` if it has no row."""
         rows = self._query(
-            "SELECT id, kind, mcid, nar_size, deriver, registration_time FROM paths"
+            "SELECT id, kind, mcid, nar_size, deriver, registration_time, hash_hex FROM paths"
             " WHERE path = ?", (str(sp),))
         if not rows:
             raise self.not_valid(sp)
-        pid, kind, mcid, nar_size, deriver, reg_time = rows[0]
+        pid, kind, mcid, nar_size, deriver, reg_time, hash_hex = rows[0]
         refs = sorted(str(r[0]) for r in self._query(
             "SELECT p.path FROM refs JOIN paths p ON p.id = refs.reference"
             " WHERE refs.referrer = ?", (pid,)))
@@ -269,7 +275,7 @@ class Database:
             references=tuple(StorePath.parse(r) for r in refs),
             deriver=None if deriver is None else str(deriver),
             registration_time=int(str(reg_time)), signatures=tuple(sigs),
-            kind=PathKind(str(kind)),
+            kind=PathKind(str(kind)), hash_hex=str(hash_hex),
         )
 
     def query_manifest(self, sp: StorePath) -> Manifest:
@@ -338,7 +344,7 @@ class Database:
         return sorted(out)
 
     def register(self, conn: sqlite3.Connection, sp: StorePath, kind: PathKind,
-                 manifest: Manifest, references: Sequence[StorePath],
+                 hash_hex: str, manifest: Manifest, references: Sequence[StorePath],
                  deriver: str | None, signatures: Iterable[str]) -> None:
         """Insert ``sp`` with its references and signatures (inside a transaction).
 
@@ -354,9 +360,9 @@ class Database:
                 hint="register (or import) the references first",
             )
         cur = conn.execute(
-            "INSERT INTO paths (path, kind, mcid, nar_size, deriver, registration_time,"
-            " manifest) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (str(sp), kind.value, manifest.mcid, manifest.nar_size, deriver,
+            "INSERT INTO paths (path, kind, hash_hex, mcid, nar_size, deriver,"
+            " registration_time, manifest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (str(sp), kind.value, hash_hex, manifest.mcid, manifest.nar_size, deriver,
              int(time.time()), manifest.to_bytes()))
         pid = cur.lastrowid
         conn.executemany(
@@ -374,6 +380,32 @@ class Database:
                 raise self.not_valid(sp)
             conn.executemany("INSERT OR IGNORE INTO signatures (path, sig) VALUES (?, ?)",
                              [(row[0], s) for s in sigs])
+
+    def dangling_references(self) -> list[tuple[str, int]]:
+        """``(referrer base name, missing row id)`` for ``refs`` rows whose target row is
+        gone (only possible when the database was edited behind the store's back)."""
+        return [(str(p), int(str(r))) for p, r in self._query(
+            "SELECT p.path, refs.reference FROM refs JOIN paths p ON p.id = refs.referrer"
+            " WHERE refs.reference NOT IN (SELECT id FROM paths) ORDER BY p.path")]
+
+    def relink_references(self, sp: StorePath, references: Iterable[StorePath]) -> None:
+        """Drop ``sp``'s dangling ``refs`` rows and (re)link it to ``references`` (which
+        must be valid), in one transaction — for repairing a re-registered reference."""
+        refs = set(references)
+        with self.write() as conn:
+            row = conn.execute("SELECT id FROM paths WHERE path = ?", (str(sp),)).fetchone()
+            if row is None:
+                raise self.not_valid(sp)
+            missing = self.missing(conn, [r for r in refs if r != sp])
+            if missing:
+                raise PathNotValidError(
+                    f"cannot relink {str(sp)!r}: references {', '.join(map(repr, missing))}"
+                    " are not valid", hint="import the references first")
+            conn.execute("DELETE FROM refs WHERE referrer = ? AND reference NOT IN"
+                         " (SELECT id FROM paths)", (row[0],))
+            conn.executemany("INSERT OR IGNORE INTO refs (referrer, reference)"
+                             " SELECT ?, id FROM paths WHERE path = ?",
+                             [(row[0], str(r)) for r in refs])
 
     def invalidate(self, conn: sqlite3.Connection, paths: Sequence[str]) -> None:
         """Delete the rows of ``paths`` (inside a transaction; referrers must go first or

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -25,7 +26,14 @@ from bstore.store import atomic
 from bstore.store.crash import crash_point
 from bstore.store.db import Database, PathInfo, PathNotValidError
 from bstore.store.layout import StoreError, StoreLayout, check_root, create_dirs, store_is_empty
-from bstore.store.locks import StoreLockedError, TempRoots, gc_shared, path_lock
+from bstore.store.locks import (
+    StoreLockedError,
+    TempRoots,
+    gc_shared,
+    held,
+    path_lock,
+    path_lock_file,
+)
 from bstore.store.manifest import InvalidTreeError, Manifest, Mcid, scan_tree
 from bstore.store.paths import InvalidStorePath, PathKind, StorePath, make_store_path
 
@@ -160,6 +168,34 @@ class LocalStore:
         :class:`~bstore.store.manifest.InvalidTreeError` naming the entry, leaving nothing.
         """
         src = Path(os.path.abspath(src))
+        name = self._check_name(src, name)
+        with self.staging_dir("add") as stage:
+            staged = stage / "tree"
+            manifest = atomic.copy_tree(src, staged, progress)
+            return self._register(staged, name, manifest, PathKind.SOURCE, None, (), None, (),
+                                  canonical=True)
+
+    def add_paths(self, sources: Iterable[tuple[Path, str | None]],
+                  progress: atomic.Progress | None = None) -> list[StorePath]:
+        """:meth:`add_path` for many ``(src, name)`` pairs with one sync and one database
+        transaction (much faster for many small paths); all or nothing."""
+        items = []
+        with self.staging_dir("add-many") as stage:
+            for i, (src, name) in enumerate(sources):
+                src = Path(os.path.abspath(src))
+                name = self._check_name(src, name)
+                staged = stage / str(i)
+                manifest = atomic.copy_tree(src, staged, None)
+                hex_digest = manifest.mcid.rpartition("-")[2]
+                sp = make_store_path(PathKind.SOURCE, hex_digest, str(self.store_dir), name)
+                items.append(_Pending(staged, sp, hex_digest, manifest, PathKind.SOURCE, (),
+                                      None, (), True))
+                if progress is not None:
+                    progress(i + 1, 0)
+            self._commit(items)
+        return [it.sp for it in items]
+
+    def _check_name(self, src: Path, name: str | None) -> str:
         if name is None:
             name = src.name
             try:
@@ -171,11 +207,7 @@ class LocalStore:
             make_store_path(PathKind.SOURCE, "0" * 64, str(self.store_dir), name)
         if not os.path.lexists(src):
             raise InvalidTreeError(f"cannot add {str(src)!r}: no such file or directory")
-        with self.staging_dir("add") as stage:
-            staged = stage / "tree"
-            manifest = atomic.copy_tree(src, staged, progress)
-            return self._register(staged, name, manifest, PathKind.SOURCE, None, (), None, (),
-                                  canonical=True)
+        return name
 
     def hash_path(self, src: Path) -> Mcid:
         """The MCID of ``src`` without adding it."""
@@ -229,47 +261,75 @@ class LocalStore:
         if hash_hex is None:
             hash_hex = manifest.mcid.rpartition("-")[2]
         sp = make_store_path(kind, hash_hex, str(self.store_dir), name)
-        # Root first: from here on a concurrent GC keeps sp (and what it references).
-        self.temp_roots.add(sp)
-        for ref in references:
-            self.temp_roots.add(ref)
-        if self.db.is_valid(sp):
-            return sp
-        with path_lock(self.layout, sp, self.lock_timeout):
-            if self.db.is_valid(sp):  # another process registered it while we waited
-                return sp
-            if not canonical:
-                atomic.canonicalise_tree(staged)
+        self._commit([_Pending(staged, sp, hash_hex, manifest, kind, references, deriver,
+                               signatures, canonical)])
+        return sp
+
+    def _commit(self, items: list[_Pending]) -> None:
+        """Move staged trees into ``store/`` and register them: one sync, one transaction.
+
+        Items may reference earlier items of the same batch.
+        """
+        # Roots first: from here on a concurrent GC keeps the paths and their references.
+        self.temp_roots.add_many([it.sp for it in items]
+                                 + [r for it in items for r in it.references])
+        todo = [it for it in items if not self.db.is_valid(it.sp)]
+        if not todo:
+            return
+        with ExitStack() as locks:
+            # Sorted, so two batches locking overlapping buckets cannot deadlock.
+            for lock_file in sorted({path_lock_file(self.layout, it.sp) for it in todo}):
+                locks.enter_context(held(lock_file, exclusive=True, timeout=self.lock_timeout,
+                                         what=f"the path lock {str(lock_file)!r}"))
+            seen: set[StorePath] = set()
+            fresh = []
+            for it in todo:  # another process may have registered them while we waited
+                if it.sp not in seen and not self.db.is_valid(it.sp):
+                    seen.add(it.sp)
+                    fresh.append(it)
+            if not fresh:
+                return
+            for it in fresh:
+                if not it.canonical:
+                    atomic.canonicalise_tree(it.staged)
             crash_point("after-stage")
-            atomic.syncfs(staged)
+            atomic.syncfs(self.layout.tmp_dir)
             crash_point("after-fsync")
-            target = self.store_dir / str(sp)
+            batch = {it.sp for it in fresh}
             with gc_shared(self.layout, self.lock_timeout), self.db.write() as conn:
-                # Checked before the rename so a bad reference leaves store/ untouched;
+                # Checked before any rename so a bad reference leaves store/ untouched;
                 # register() checks again inside this same transaction.
-                missing = self.db.missing(conn, [r for r in references if r != sp])
+                wanted = {r for it in fresh for r in it.references if r not in batch}
+                missing = self.db.missing(conn, wanted)
                 if missing:
                     raise PathNotValidError(
-                        f"cannot register {str(sp)!r}: its references"
-                        f" {', '.join(map(repr, missing))} are not valid",
+                        f"cannot register {', '.join(repr(str(it.sp)) for it in fresh)}:"
+                        f" references {', '.join(map(repr, missing))} are not valid",
                         hint="register (or import) the references first",
                     )
+                self._move_into_store(fresh)
+                crash_point("after-rename")
+                for it in fresh:
+                    self.db.register(conn, it.sp, it.kind, it.hash_hex, it.manifest,
+                                     it.references, it.deriver, it.signatures)
+            crash_point("after-commit")
+
+    def _move_into_store(self, items: list[_Pending]) -> None:
+        try:
+            for it in items:
+                target = self.store_dir / str(it.sp)
                 if os.path.lexists(target):
                     # Unregistered leftover of a crashed add: we hold its lock.
                     atomic.remove_tree(target)
-                try:
-                    os.rename(staged, target)
-                    atomic.finish_root(target)
-                    atomic.fsync_path(self.store_dir)
-                except OSError as exc:
-                    raise StoreError(
-                        f"cannot move {str(staged)!r} into {str(self.store_dir)!r}:"
-                        f" {exc.strerror}") from exc
-                crash_point("after-rename")
-                self.db.register(conn, sp, kind, manifest, references, deriver,
-                                 signatures)
-            crash_point("after-commit")
-        return sp
+                os.rename(it.staged, target)
+                atomic.finish_root(target, sync=len(items) == 1)
+            if len(items) == 1:
+                atomic.fsync_path(self.store_dir)
+            else:  # one flush of the whole filesystem beats an fsync per path
+                atomic.syncfs(self.store_dir)
+        except OSError as exc:
+            raise StoreError(f"cannot move staged trees into {str(self.store_dir)!r}:"
+                             f" {exc.strerror}") from exc
 
     # -- queries -------------------------------------------------------------------------
 
@@ -383,6 +443,21 @@ class LocalStore:
                 atomic.fsync_path(self.store_dir)
         finally:
             atomic.remove_tree(staged)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A staged tree about to become a store path."""
+
+    staged: Path
+    sp: StorePath
+    hash_hex: str
+    manifest: Manifest
+    kind: PathKind
+    references: tuple[StorePath, ...]
+    deriver: str | None
+    signatures: tuple[str, ...]
+    canonical: bool
 
 
 def topo_order(graph: dict[str, list[str]]) -> list[str]:

@@ -25,7 +25,7 @@ import fcntl
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -155,6 +155,16 @@ class TempRoots:
             fd = self._open_locked()
             os.write(fd, f"{base}\n".encode())
         self._roots.add(base)
+
+    def add_many(self, paths: Iterable[StorePath]) -> None:
+        """:meth:`add` for many paths with one lock and one write."""
+        new = sorted({str(p) for p in paths} - self._roots)
+        if not new:
+            return
+        with gc_shared(self._layout, self._timeout):
+            fd = self._open_locked()
+            os.write(fd, "".join(f"{b}\n" for b in new).encode())
+        self._roots.update(new)
 
     def close(self) -> None:
         """Drop the roots: unlink the file while still holding its lock, then release."""

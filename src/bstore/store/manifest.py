@@ -97,11 +97,16 @@ def validate_entry_path(path: bytes) -> bytes:
 def symlink_escapes(entry_path: bytes, target: bytes) -> bool:
     """Whether a symlink at ``entry_path`` pointing to ``target`` leaves the tree.
 
-    Absolute targets always escape; relative ones escape when ``..`` climbs above the
-    root at any point (a pure, lexical check: it never follows other links, which is
-    safe because every link in a tree is checked the same way).
+    Absolute targets always escape, and so does any target of a link that is the root
+    itself; relative ones escape when ``..`` climbs above the root at any point (a pure,
+    lexical check: it never follows other links, which is safe because every link in a
+    tree is checked the same way).
     """
     if not target or target.startswith(b"/") or b"\0" in target:
+        return True
+    if entry_path == b"":
+        # A path that *is* a symlink resolves its target against the store dir, i.e.
+        # into some other store path (or anywhere, with ..): never self-contained.
         return True
     depth = entry_path.count(b"/")  # parent directory depth of the link itself
     for part in target.split(b"/"):
