@@ -212,6 +212,13 @@ def test_non_empty_target_is_refused(tmp_path: Path) -> None:
     assert (tmp_path / "keep").read_text() == "mine"
 
 
+def test_target_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UnsafeArchiveError, match="is not a directory"):
+        extract_bytes(make_tar([("a", "file", b"x", 0o644)]), tmp_path / "file", label="a.tar")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_gzip_bomb_stops_at_the_stream_cap(tmp_path: Path) -> None:
     # 64 MiB of zeros compresses to ~64 KiB; the cap stops it after 1 MiB of output.
     zeros = b"\0" * (64 * 1024 * 1024)

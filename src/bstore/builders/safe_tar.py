@@ -236,7 +236,11 @@ def extract_fileobj(
     ``dest`` must not exist or be an empty directory; on failure it is removed again.
     ``label`` names the archive in errors (a URL, a file name or ``outer!inner``).
     """
-    created = not dest.exists()
+    created = not dest.exists() and not dest.is_symlink()
+    if not created and not dest.is_dir():
+        raise UnsafeArchiveError(
+            f"cannot extract {label!r}: target {str(dest)!r} is not a directory"
+        )
     if not created and any(dest.iterdir()):
         raise UnsafeArchiveError(
             f"cannot extract {label!r}: target directory {str(dest)!r} is not empty"
