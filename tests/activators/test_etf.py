@@ -338,3 +338,19 @@ def test_format_term_is_erlang_text() -> None:
     text = format_term([Atom("a b"), b'q"', 1e16, ImproperList((1,), Atom("t")), {1: ()}])
     assert text == '[\'a b\',<<"q\\"">>,1.0e+16,[1|t],#{1=>{}}]'
     assert format_term(list(range(1000)), limit=20).endswith("...")
+
+
+@settings(max_examples=300)
+@given(term=_terms(), data=st.data())
+def test_mutated_binaries_decode_or_raise_etf_errors_only(
+    term: VmTerm, data: st.DataObject
+) -> None:
+    blob = bytearray(encode(term))
+    for _ in range(data.draw(st.integers(min_value=1, max_value=4))):
+        at = data.draw(st.integers(min_value=0, max_value=len(blob) - 1))
+        blob[at] = data.draw(st.integers(min_value=0, max_value=255))
+    cut = data.draw(st.integers(min_value=1, max_value=len(blob)))
+    try:
+        decode(bytes(blob[:cut]), max_size=1 << 20)
+    except EtfDecodeError as exc:
+        assert str(exc).startswith("ETF: ")
