@@ -256,6 +256,14 @@ def test_million_atoms(tmp_path: Path) -> None:
         consult(path)
 
 
+def test_byte_order_mark_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bom.config"
+    path.write_bytes(b"\xef\xbb\xbfok.\n")
+    with pytest.raises(TermSyntaxError) as info:
+        consult(path)
+    assert info.value.message == f"{path}:1:1: byte order mark U+FEFF is not allowed"
+
+
 def test_nul_and_control_characters_are_white_space() -> None:
     assert parse("\x00a\x01.\x02") == [A("a")]
 

@@ -105,6 +105,8 @@ ENCODED_FILES = [
     ("invalid-utf8", b'"\xe9".\n'),
     ("nbsp-utf8", "\u00a0ok.\n".encode()),
     ("crlf", b"{a,\r\n b}.\r\n"),
+    ("utf8-bom", b"\xef\xbb\xbfok.\n"),
+    ("nul-between-terms", b"a.\x00b.\n"),
 ]
 
 

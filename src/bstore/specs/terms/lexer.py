@@ -178,6 +178,8 @@ def _describe_bad(text: str, offset: int) -> tuple[int, str, str | None]:
         if text[end] == "\\":
             end += 1
         return end, f"illegal character U+{ord(text[end]):04X} in {what}", None
+    if char == "\ufeff":
+        return offset, "byte order mark U+FEFF is not allowed", "save the file without a BOM"
     if char == "$":
         return offset, "invalid character literal", "write e.g. $a, $\\n or $\\x{1F600}"
     if not is_unicode_scalar(ord(char)):
