@@ -64,7 +64,14 @@ def parse(text: str, source: str = "<string>") -> list[Term]:
 
 
 def parse_located(text: str, source: str = "<string>") -> list[Located]:
-    """Like :func:`parse`, keeping the 1-based line and column of every sub-term."""
+    """Like :func:`parse`, keeping the 1-based line and column of every sub-term.
+
+    Children follow :class:`~bstore.specs.located.Located`: tuple and list elements
+    (an improper list's tail last), map keys and values alternately in source order
+    (a duplicate key appears twice; the term keeps the last value, as Erlang does).
+    Strings are leaves, and ``[a | "bc"]`` has the children ``a`` and ``"bc"``. A
+    parenthesised term is located at the term inside; ``-1`` at its ``-``.
+    """
     return parse_located_terms(text, source)
 
 

@@ -31,7 +31,7 @@ from bstore.specs.terms.binary import (
 )
 from bstore.specs.terms.errors import TermSyntaxError
 from bstore.specs.terms.lexer import LineIndex, Token, tokenize
-from bstore.specs.terms.model import Atom, ImproperList, Term, exactly_equal
+from bstore.specs.terms.model import ImproperList, Term, exactly_equal
 
 # Far deeper than any hand-written spec (they nest ~10 levels), and shallow enough that
 # code walking the result recursively (``==``, ``repr``, exactly_equal, schema checks)
@@ -63,11 +63,11 @@ def describe(token: Token) -> str:
     if kind == ".":
         return "'.' (not followed by white space)"
     if kind == "atom":
-        return f"atom {_quote_atom_for_message(value)}"
+        return f"atom '{value.name}'"
     if kind in ("int", "float"):
         return f"number {value!r}"
     if kind == "char":
-        return f"character ${chr(value)}"
+        return f"character {chr(value)!r}"
     if kind == "string":
         shown = value if len(value) <= 20 else value[:20] + "..."
         return f"string {shown!r}"
@@ -76,10 +76,6 @@ def describe(token: Token) -> str:
     if kind == "reserved":
         return f"reserved word '{value}'"
     return f"'{kind}'"
-
-
-def _quote_atom_for_message(atom: Atom) -> str:
-    return f"'{atom.name}'"
 
 
 class _Parser:
