@@ -321,13 +321,17 @@ class _Decoder:
         return chunk
 
     def u8(self) -> int:
-        return self.take(1)[0]
+        pos = self.pos
+        if pos >= len(self.data):
+            raise self.fail("truncated: need 1 bytes, 0 left")
+        self.pos = pos + 1
+        return self.data[pos]
 
     def u16(self) -> int:
-        return int(struct.unpack(">H", self.take(2))[0])
+        return int.from_bytes(self.take(2), "big")
 
     def u32(self) -> int:
-        return int(struct.unpack(">I", self.take(4))[0])
+        return int.from_bytes(self.take(4), "big")
 
     def count(self, n: int, min_bytes_each: int, what: str) -> int:
         """Check that ``n`` items of at least ``min_bytes_each`` bytes can still follow."""
