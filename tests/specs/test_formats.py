@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from bstore.specs import formats
-from bstore.specs.formats import parse_json, parse_yaml
+from bstore.specs.json_reader import parse_json
+from bstore.specs.loader import load_spec_file
 from bstore.specs.located import Located
 from bstore.specs.problems import SpecError
-from bstore.specs.schema import load_spec_file
 from bstore.specs.terms.model import Atom
+from bstore.specs.yaml_reader import parse_yaml
 
 
 def _error(call: object, *args: object) -> SpecError:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from bstore.specs import identicon
+from bstore.specs.loader import SpecResult, load_spec, load_spec_file
 from bstore.specs.model import (
     AppSpec,
     HealthType,
@@ -15,7 +16,6 @@ from bstore.specs.model import (
     SourceType,
 )
 from bstore.specs.problems import Severity, SpecError
-from bstore.specs.schema import SpecResult, load_spec, load_spec_file
 from bstore.specs.terms.model import Atom, ImproperList
 
 _FILE = {"erl": "app.config", "yaml": "app.yaml", "json": "app.json"}

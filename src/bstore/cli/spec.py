@@ -10,8 +10,8 @@ import click
 from bstore.cli.context import AppContext, pass_app
 from bstore.specs.directory import check_paths, display
 from bstore.specs.formats import SPEC_FILE_NAMES
+from bstore.specs.loader import load_spec_file
 from bstore.specs.problems import Problem, Severity
-from bstore.specs.schema import load_spec_file
 
 
 def _human(problem: Problem) -> str:

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bstore.specs.formats import SPEC_FILE_NAMES
+from bstore.specs.loader import load_spec_file
 from bstore.specs.located import Position
 from bstore.specs.model import AppSpec, valid_app_name
 from bstore.specs.problems import Problem, Severity, SpecError, errors_in
-from bstore.specs.schema import load_spec_file
 
 
 @dataclass(frozen=True)

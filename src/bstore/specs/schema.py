@@ -1,4 +1,4 @@
-"""The app-spec schema: a positioned term tree in, an :class:`AppSpec` and problems out.
+"""The app-spec schema: a positioned term tree in, an :class:`AppSpec` and problems out (pure).
 
 The same rules apply whatever the file format; the reader knows the format only to
 phrase values the way the user wrote them and to resolve the tagged form
@@ -17,12 +17,10 @@ import binascii
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
-from bstore.errors import BstoreError
 from bstore.specs import termjson, terms
-from bstore.specs.formats import SpecFormat, load_located
+from bstore.specs.formats import SpecFormat
 from bstore.specs.located import Located, Position
 from bstore.specs.model import (
     DEFAULT_BASE64_ICON_MIME,
@@ -589,51 +587,3 @@ def spec_from_located(
         r.error(root.pos, exc.message)
         return None, r.problems
     return spec, r.problems
-
-
-@dataclass(frozen=True)
-class SpecResult:
-    """The outcome of reading one spec file: the spec (``None`` on any error) and all problems."""
-
-    spec: AppSpec | None
-    problems: tuple[Problem, ...]
-
-    @property
-    def errors(self) -> list[Problem]:
-        """The error-severity problems."""
-        return errors_in(self.problems)
-
-
-def _term_error(exc: BstoreError, source: str) -> Problem:
-    # TermSyntaxError carries .line/.column; any other BstoreError has no position.
-    line, column = getattr(exc, "line", None), getattr(exc, "column", None)
-    pos = Position(line, column) if isinstance(line, int) and isinstance(column, int) else None
-    what = getattr(exc, "what", None)
-    message = what if isinstance(what, str) else exc.message
-    return Problem(Severity.ERROR, source, pos, message, exc.hint)
-
-
-def load_spec_file(
-    path: Path, *, source: str | None = None, expected_name: str | None = None
-) -> SpecResult:
-    """Read and validate one spec file; never raises for a bad file (see ``problems``).
-
-    ``source`` is how the file is named in messages (default: ``str(path)``).
-    """
-    shown = source or str(path)
-    try:
-        fmt, root = load_located(path, shown)
-    except SpecError as exc:
-        return SpecResult(None, (exc.problem,))
-    except BstoreError as exc:  # the Erlang term parser's errors
-        return SpecResult(None, (_term_error(exc, shown),))
-    spec, problems = spec_from_located(root, fmt, shown, expected_name)
-    return SpecResult(spec, tuple(problems))
-
-
-def load_spec(path: Path, *, expected_name: str | None = None) -> AppSpec:
-    """Read one spec file; raises :class:`SpecError` with the first error."""
-    result = load_spec_file(path, expected_name=expected_name)
-    if result.spec is None:
-        raise SpecError(result.errors[0])
-    return result.spec
