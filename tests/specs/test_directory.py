@@ -279,3 +279,16 @@ def test_check_paths_accepts_files_and_app_dirs(tmp_path: Path) -> None:
     assert app_dir.specs == {} and "not an app in this directory" in app_dir.errors[0].message
     whole = check_paths([tmp_path])
     assert sorted(whole.specs) == ["db", "web"]
+
+
+def test_symlink_loops_and_fifos_do_not_hang_the_scan(tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "app.yaml")
+    _app(tmp_path, "web")
+    result = load_apps_dir(tmp_path)
+    assert list(result.specs) == ["web"]
+    assert _lines(result.problems, tmp_path) == [
+        "fifo/app.yaml: error: not a regular file",
+        "loop: note: not a directory (skipped)",
+    ]
