@@ -4,6 +4,8 @@ test_terms_erlang.py; they prove the tables below against file:consult/1)."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -348,3 +350,20 @@ def test_format_parse_round_trip(term: Term) -> None:
     assert exactly_equal(back, term), (term, text, back)
     (located,) = parse_located(text + ".\n", "gen")
     assert exactly_equal(located.term, term)
+
+
+def test_located_can_be_imported_before_terms() -> None:
+    # `located` imports `terms.model` and the parser needs `located`: neither import
+    # order may fail, even without bstore.specs/__init__ choosing one.
+    code = (
+        "import sys, types, bstore\n"
+        "pkg = types.ModuleType('bstore.specs')\n"
+        "pkg.__path__ = [bstore.__path__[0] + '/specs']\n"
+        "sys.modules['bstore.specs'] = pkg\n"
+        "import bstore.specs.located\n"
+        "from bstore.specs.terms import parse_located\n"
+        "print(parse_located('{a}.', 'x')[0].pos)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1:1"

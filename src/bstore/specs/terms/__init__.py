@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import os
 import re
+from typing import TYPE_CHECKING
 
 from bstore.errors import BstoreError
-from bstore.specs.located import Located
 from bstore.specs.terms.errors import TermSyntaxError
 from bstore.specs.terms.model import Atom, ImproperList, Term, exactly_equal
 from bstore.specs.terms.parser import MAX_DEPTH, parse_located_terms, parse_terms
 from bstore.specs.terms.printer import TermFormatError, format_term
+
+if TYPE_CHECKING:
+    from bstore.specs.located import Located
 
 __all__ = [
     "MAX_DEPTH",

@@ -18,9 +18,11 @@ way.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bstore.specs.located import Located, Position
+# ``located`` imports ``terms.model``, so importing it by name here would make the two
+# packages' import order matter; the module object is resolved when first used instead.
+from bstore.specs import located as _located
 from bstore.specs.terms.binary import (
     MAX_SEGMENT_BITS,
     BitWriter,
@@ -32,6 +34,9 @@ from bstore.specs.terms.binary import (
 from bstore.specs.terms.errors import TermSyntaxError
 from bstore.specs.terms.lexer import LineIndex, Token, tokenize
 from bstore.specs.terms.model import ImproperList, Term, exactly_equal
+
+if TYPE_CHECKING:
+    from bstore.specs.located import Located, Position
 
 # Far deeper than any hand-written spec (they nest ~10 levels), and shallow enough that
 # code walking the result recursively (``==``, ``repr``, exactly_equal, schema checks)
@@ -96,7 +101,7 @@ class _Parser:
     def position(self, offset: int) -> Position:
         if self._lines is None:
             self._lines = LineIndex(self.text)
-        return Position(*self._lines.position(offset))
+        return _located.Position(*self._lines.position(offset))
 
     def error(self, offset: int, what: str, hint: str | None = None) -> TermSyntaxError:
         pos = self.position(offset)
@@ -198,7 +203,7 @@ class _Parser:
                 raise self.error(offset, "funs are not supported in spec terms")
             else:
                 raise self.error(offset, f"expected a term, found {describe(tokens[index - 1])}")
-            loc = Located(term, self.position(offset)) if located else None
+            loc = _located.Located(term, self.position(offset)) if located else None
 
             # ---- fold the finished value into the enclosing frames ------------------------
             while True:
@@ -230,7 +235,7 @@ class _Parser:
                     stack.pop()
                     lit = 0
                     if located:
-                        loc = Located(term, self.position(frame[3]), tuple(frame[2]))
+                        loc = _located.Located(term, self.position(frame[3]), tuple(frame[2]))
                 elif frame_type == _MAP_KEY:
                     if next_kind != "=>":
                         raise self.expected("'=>' or ',' in map", index)
@@ -256,7 +261,7 @@ class _Parser:
                     term = self.build_map(frame[1], frame[5])
                     lit = 0
                     if located:
-                        loc = Located(term, self.position(frame[3]), tuple(frame[2]))
+                        loc = _located.Located(term, self.position(frame[3]), tuple(frame[2]))
                 elif frame_type == _TAIL:
                     if next_kind != "]":
                         raise self.expected("']' after the tail of a list", index)
@@ -282,7 +287,7 @@ class _Parser:
                         term = -term
                     lit = 0
                     if located:
-                        loc = Located(term, self.position(frame[3]))
+                        loc = _located.Located(term, self.position(frame[3]))
 
     # -- compound values ------------------------------------------------------------
 
@@ -309,7 +314,7 @@ class _Parser:
                 locs = [*locs, tail_loc]
         if not self.located:
             return term, None
-        return term, Located(term, self.position(frame[3]), tuple(locs))
+        return term, _located.Located(term, self.position(frame[3]), tuple(locs))
 
     def build_map(self, items: list[Term], key_offsets: list[int]) -> Term:
         """A dict from alternating keys and values; later duplicates win, as in Erlang."""
