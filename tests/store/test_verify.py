@@ -21,7 +21,13 @@ from bstore.store.archive import export_paths
 from bstore.store.local import LocalStore
 from bstore.store.manifest import scan_tree
 from bstore.store.paths import PathKind, StorePath
-from bstore.store.verify import ProblemKind, diff_tree, repair_from_stream, verify_store
+from bstore.store.verify import (
+    ProblemKind,
+    diff_tree,
+    disk_mcid,
+    repair_from_stream,
+    verify_store,
+)
 
 BSTORE = str(Path(sys.executable).with_name("bstore"))
 
@@ -341,3 +347,27 @@ def test_bad_stream_input_is_unaffected_by_io_wrappers(fx: Fixture) -> None:
     after = repair_from_stream(fx.st, report, io.BytesIO(fx.stream.read_bytes()),
                                source="mem")
     assert after.ok
+
+
+@pytest.mark.parametrize("shape", ["tree", "single file", "empty dir"])
+def test_disk_mcid_agrees_with_scan_tree(shape: str, tmp_path: Path) -> None:
+    """The fast path of --check-contents computes exactly the manifest's MCID."""
+    root = tmp_path / "t"
+    if shape == "single file":
+        root.write_bytes(os.urandom(3 << 20))
+    else:
+        root.mkdir()
+        if shape == "tree":
+            (root / "a" / "b").mkdir(parents=True)
+            (root / "a.txt").write_text("")
+            (root / "a" / "b" / "big").write_bytes(os.urandom((1 << 20) + 7))
+            (root / "run").write_text("#!/bin/sh\n")
+            (root / "run").chmod(0o755)
+            (root / "z").symlink_to("a/b/big")
+    before = scan_tree(root).mcid
+    assert disk_mcid(root) == before
+    if shape == "tree":
+        (root / "a" / "b" / "big").chmod(0o755)
+        assert disk_mcid(root) == scan_tree(root).mcid != before
+        os.mkfifo(root / "fifo")
+        assert disk_mcid(root) is None
