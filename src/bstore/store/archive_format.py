@@ -25,8 +25,8 @@ from typing import BinaryIO, Protocol
 
 import blake3
 
-from bstore.errors import BstoreError
 from bstore.store.archive_meta import MAX_META_BYTES, PathMeta
+from bstore.store.layout import StoreError
 from bstore.store.manifest import (
     MANIFEST_HEADER,
     MAX_PATH_BYTES,
@@ -48,7 +48,7 @@ _PATH_RE = re.compile(rb"path (0|[1-9][0-9]{0,7}):")
 _DONE_RE = re.compile(rb"done (0|[1-9][0-9]{0,9})\n")
 
 
-class ArchiveError(BstoreError):
+class ArchiveError(StoreError):
     """A malformed, lying or oversized export stream."""
 
 

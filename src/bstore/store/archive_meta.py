@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 
 from bstore.errors import BstoreError
+from bstore.store.layout import StoreError
 from bstore.store.manifest import Mcid, validate_mcid
 from bstore.store.paths import PathKind, StorePath, make_store_path
 
@@ -37,7 +38,7 @@ MAX_META_BYTES = 1 << 20
 _KEYS = ("StorePath", "Kind", "Hash", "MCID", "NarSize", "References", "Deriver", "Sig")
 
 
-class PathMetaError(BstoreError):
+class PathMetaError(StoreError):
     """Path metadata that is malformed or contradicts itself."""
 
 
