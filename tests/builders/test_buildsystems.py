@@ -307,8 +307,8 @@ def test_a_build_killed_midway_cleans_up(
     source = sample_apps.rebar3_app(tmp_path / "src", rebar_script=script)
     with pytest.raises(BuildError) as err:
         do_build(tmp_path, source, "rebarapp", "2.0.0", [built_deps["greeter"]],
-                 isolation=isolation, timeout=8)
-    assert "timed out after 8s and was killed" in err.value.message
+                 isolation=isolation, timeout=6)
+    assert "timed out after 6s and was killed" in err.value.message
     assert "sleeping now" in err.value.log_tail
     assert err.value.log_path == tmp_path / "logs" / "rebarapp.log"
     assert not _processes_with(marker)

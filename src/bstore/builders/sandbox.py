@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import inspect
 import logging
 import os
 import re
@@ -51,6 +52,10 @@ _LOG_TAIL_BYTES = 16 * 1024
 # Exit status of the mount-namespace child when it cannot set the sandbox up; chosen
 # outside the range compilers use so it is not mistaken for a build failure.
 _SETUP_FAILED = 97
+
+# How long a kill waits for the killed processes to disappear (a loaded machine may
+# take a moment to schedule them); after that they are left to the kernel.
+_KILL_WAIT = 5.0
 
 # Environment variables a build may see. Everything else in bstore's own environment
 # (tokens, SSH agent sockets, proxies, TERM, ERL_FLAGS of the user) is dropped.
@@ -143,16 +148,13 @@ def read_log_tail(log_path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def _child_argv(writable: Sequence[Path]) -> list[str]:
-    """Argv that runs :func:`_child_main` (mount setup, then exec) in a fresh Python."""
-    package_root = str(Path(__file__).resolve().parents[2])
-    argv = [
-        sys.executable,
-        "-I",
-        "-c",
-        "import sys; sys.path.insert(0, sys.argv[1]); "
-        "from bstore.builders.sandbox import _child_main; _child_main(sys.argv[2:])",
-        package_root,
-    ]
+    """Argv that runs :func:`_child_main` (mount setup, then exec) in a fresh Python.
+
+    The child gets only the few functions it needs as ``-c`` source and starts with
+    ``-I -S`` (no site-packages, no bstore import): that is most of the sandbox's cost
+    per command, and it is paid by every build step.
+    """
+    argv = [sys.executable, "-I", "-S", "-c", _child_source()]
     for path in writable:
         argv += ["--rw", str(path)]
     argv.append("--")
@@ -317,28 +319,57 @@ class Sandbox:
             )
 
     def _wait(self, proc: subprocess.Popen[bytes], step: str) -> int:
-        try:
+        """Block until ``proc`` exits; a watcher thread kills it at the deadline or on
+        cancel. (``Popen.wait(timeout)`` polls with sleeps of up to 50 ms, which every
+        build step would pay; a blocking wait returns the moment the build ends.)"""
+        done = threading.Event()
+        why: list[str] = []
+
+        def watch() -> None:
             while True:
                 remaining = self.deadline - time.monotonic()
                 if remaining <= 0:
-                    _kill_group(proc)
-                    raise self._fail(
-                        f"build step {step!r} timed out after {self.timeout:g}s and was killed",
-                        hint="raise the build timeout or look at the log for a hung step",
-                    )
+                    why.append("timeout")
+                    break
+                # Without a cancel flag, sleep until done or the deadline in one wait.
+                step_wait = remaining if self.cancel is None else min(remaining, 0.1)
+                if done.wait(step_wait):
+                    return
                 if self.cancel is not None and self.cancel.is_set():
-                    _kill_group(proc)
-                    raise self._fail(f"build step {step!r} was cancelled and killed")
-                # Poll when a cancel flag may need noticing; otherwise sleep in wait().
-                slice_ = remaining if self.cancel is None else min(remaining, 0.05)
-                try:
-                    return proc.wait(timeout=slice_)
-                except subprocess.TimeoutExpired:
-                    continue
+                    why.append("cancel")
+                    break
+            _kill_group(proc, reap=False)
+
+        watcher = threading.Thread(target=watch, name=f"bstore-build-watch-{proc.pid}",
+                                   daemon=True)
+        watcher.start()
+        try:
+            status = proc.wait()
         except BaseException:
             # KeyboardInterrupt or any error while waiting: never leave the build running.
             _kill_group(proc)
             raise
+        finally:
+            done.set()
+            watcher.join()
+        if why == ["timeout"]:
+            raise self._fail(
+                f"build step {step!r} timed out after {self.timeout:g}s and was killed",
+                hint="raise the build timeout or look at the log for a hung step",
+            )
+        if why == ["cancel"]:
+            raise self._fail(f"build step {step!r} was cancelled and killed")
+        return status
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] != b"Z"
 
 
 def _descendants(root: int) -> set[int]:
@@ -365,7 +396,7 @@ def _descendants(root: int) -> set[int]:
     return found
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+def _kill_group(proc: subprocess.Popen[bytes], *, reap: bool = True) -> None:
     """SIGKILL the build: its process group, and every descendant that left the group
     (the BEAM starts port programs in their own session, so killpg alone misses them;
     inside a PID namespace the kernel does this for us)."""
@@ -381,8 +412,16 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         killed |= pids
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
+    # SIGKILL is asynchronous: wait (briefly) until the processes are really gone, so
+    # that when BuildError is raised nothing of the build is still running.
+    deadline = time.monotonic() + _KILL_WAIT
+    while killed and time.monotonic() < deadline:
+        killed = {pid for pid in killed if _running(pid)}
+        if killed:
+            time.sleep(0.01)
+    if reap:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
 
 
 # --- inside the namespaces: make the filesystem read-only, then exec the build ------
@@ -412,6 +451,18 @@ _KEEP_FLAGS = {
 }
 # Kernel pseudo-filesystems: remounting these is refused or pointless.
 _SKIP_PREFIXES = ("/proc", "/sys")
+
+
+@functools.cache
+def _child_source() -> str:
+    """Python source of the namespace child: its constants and functions, then a call."""
+    names = sorted(n for n in globals() if n.startswith("_MS_"))
+    names += ["_KEEP_FLAGS", "_SKIP_PREFIXES", "_SETUP_FAILED"]
+    lines = ["from __future__ import annotations", "import ctypes, os, re, sys"]
+    lines += [f"{name} = {globals()[name]!r}" for name in names]
+    lines += [inspect.getsource(fn) for fn in (_mountinfo, _under, _child_main)]
+    lines.append("_child_main(sys.argv[1:])")
+    return "\n".join(lines)
 
 
 def _mountinfo() -> list[tuple[str, set[str]]]:
