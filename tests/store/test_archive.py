@@ -230,3 +230,31 @@ def test_cli_export_and_import_through_pipes(
                          capture_output=True, text=True)
     assert bad.returncode == 1
     assert "error: <stdin>: not a valid zstd stream" in bad.stderr
+
+
+def test_output_path_with_deriver_round_trips(
+        populated: tuple[LocalStore, dict[str, StorePath]], tmp_path: Path) -> None:
+    """An OUTPUT path is named by its derivation hash, which the stream carries."""
+    st, p = populated
+    drv_hash = "5a" * 32
+    tree = make_tree(tmp_path / "out", {"ebin/x.beam": b"BEAM", "bin/start*": "#!/bin/sh\n"})
+    with st.staging_dir("test") as stage:
+        shutil.copytree(tree, stage / "tree", symlinks=True)
+        out_path = st.register_tree(stage / "tree", "x-1.0", kind=PathKind.OUTPUT,
+                                    hash_hex=drv_hash, references=(p["erts"],),
+                                    deriver=str(p["other"]))
+    data = export_bytes(st, [out_path])
+    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
+        text = reader.read()
+    assert f"Kind: output\nHash: blake3:{drv_hash}\n".encode() in text
+    assert f"Deriver: {p['other']}\n".encode() in text
+    root = st.root
+    st.close()
+    wipe(root)
+    with LocalStore.open(root) as fresh:
+        result = import_stream(fresh, io.BytesIO(data))
+        assert result[-1].path == out_path
+        info = fresh.query_info(out_path)
+        assert (info.kind, info.hash_hex, info.references) == (
+            PathKind.OUTPUT, drv_hash, (p["erts"],))
+        assert info.deriver is not None and info.deriver.endswith(str(p["other"]))

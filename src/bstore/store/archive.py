@@ -38,7 +38,7 @@ from bstore.store.archive_meta import PathMeta
 from bstore.store.db import PathNotValidError
 from bstore.store.local import LocalStore
 from bstore.store.manifest import EntryType, Manifest, ManifestEntry
-from bstore.store.paths import PathKind, StorePath
+from bstore.store.paths import StorePath
 
 #: zstd level 3: within ~10% of the best ratio of level 19 on BEAM files at a fraction
 #: of the CPU; the level is fixed because it is part of the byte-for-byte determinism.
@@ -257,22 +257,11 @@ def write_path(writer: StreamWriter, meta: PathMeta, manifest: Manifest, root: P
 def path_meta(store: LocalStore, sp: StorePath) -> PathMeta:
     """The exportable metadata of the valid path ``sp``."""
     info = store.query_info(sp)
-    if info.kind is PathKind.SOURCE:
-        hash_hex = info.mcid.rpartition("-")[2]
-    else:
-        recorded = getattr(info, "hash_hex", None)
-        if not isinstance(recorded, str):
-            raise ArchiveError(
-                f"cannot export {store.full_path(sp)}: the store does not record the"
-                f" {info.kind.value} hash its name was computed from",
-                hint="only source paths can be exported by this version",
-            )
-        hash_hex = recorded
     deriver = None
     if info.deriver:
         deriver = StorePath.parse(info.deriver.rpartition("/")[2])
     return PathMeta(
-        store_dir=str(store.store_dir), path=sp, kind=info.kind, hash_hex=hash_hex,
+        store_dir=str(store.store_dir), path=sp, kind=info.kind, hash_hex=info.hash_hex,
         mcid=info.mcid, nar_size=info.nar_size, references=info.references,
         deriver=deriver, signatures=info.signatures,
     )

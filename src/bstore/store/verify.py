@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -222,27 +221,6 @@ def _below(rel: bytes, cut: set[bytes]) -> bool:
     return False
 
 
-def dangling_references(store: LocalStore) -> list[str]:
-    """Base names of valid paths whose ``refs`` rows point at a deleted row.
-
-    Read straight from SQLite (read-only): the store's own queries join the rows away.
-    """
-    uri = f"file:{store.layout.db_path}?mode=ro"
-    try:
-        conn = sqlite3.connect(uri, uri=True, timeout=store.lock_timeout)
-        try:
-            rows = conn.execute(
-                "SELECT DISTINCT p.path FROM refs JOIN paths p ON p.id = refs.referrer"
-                " WHERE refs.reference NOT IN (SELECT id FROM paths) ORDER BY p.path"
-            ).fetchall()
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise BstoreError(f"cannot read database {str(store.layout.db_path)!r}: {exc}"
-                          ) from exc
-    return [str(r[0]) for r in rows]
-
-
 def verify_store(store: LocalStore, paths: Sequence[StorePath] | None = None, *,
                  check_contents: bool = False) -> VerifyReport:
     """Verify ``paths`` (default: the whole store, including store-wide checks)."""
@@ -252,7 +230,7 @@ def verify_store(store: LocalStore, paths: Sequence[StorePath] | None = None, *,
     for sp in targets:
         problems.extend(verify_path(store, sp, check_contents=check_contents))
     if whole:
-        for base in dangling_references(store):
+        for base in sorted({b for b, _row in store.db.dangling_references()}):
             problems.append(Problem(
                 ProblemKind.DANGLING_REFERENCE, store.full_path(StorePath.parse(base)),
                 f"{store.store_dir}/{base}: references a path whose database row is gone"))
@@ -423,23 +401,11 @@ def repair_from_stream(store: LocalStore, report: VerifyReport, raw: BinaryIO, *
 
 
 def _relink(store: LocalStore, meta: PathMeta) -> bool:
-    """Point a referrer's dangling ``refs`` rows at the rows its stream metadata names.
-
-    Only when the stream describes the same content (same MCID) and every reference is
-    valid again; one transaction. Works on the store's schema directly because the
-    store has no API for it yet (see /work/helpers/S2-needs.md).
-    """
+    """Point a referrer's dangling reference rows at the paths its stream metadata names
+    (only when the stream describes the same content and all of them are valid)."""
     if store.query_info(meta.path).mcid != meta.mcid:
         return False
     if not all(r == meta.path or store.is_valid(r) for r in meta.references):
         return False
-    with store.db.write() as conn:
-        row = conn.execute("SELECT id FROM paths WHERE path = ?", (str(meta.path),)).fetchone()
-        if row is None:
-            return False
-        conn.execute("DELETE FROM refs WHERE referrer = ? AND reference NOT IN"
-                     " (SELECT id FROM paths)", (row[0],))
-        conn.executemany("INSERT OR IGNORE INTO refs (referrer, reference)"
-                         " SELECT ?, id FROM paths WHERE path = ?",
-                         [(row[0], str(r)) for r in meta.references])
+    store.db.relink_references(meta.path, meta.references)
     return True
