@@ -72,9 +72,16 @@ def validate_mcid(text: str) -> Mcid:
     return Mcid(text)
 
 
+#: Fast accept of the common case (checked on every entry of every tree scanned); the
+#: slow path below only runs to explain a rejection.
+_PATH_OK = re.compile(rb"(?:[^/\x00]{1,%d}/)*[^/\x00]{1,%d}" % (MAX_NAME_BYTES, MAX_NAME_BYTES))
+_DOT_PART = re.compile(rb"(?:^|/)\.\.?(?:/|$)")
+
+
 def validate_entry_path(path: bytes) -> bytes:
     """Check a relative entry path: no empty, ``.``/``..`` or over-long components, no NUL."""
-    if path == b"":
+    if path == b"" or (len(path) <= MAX_PATH_BYTES and _PATH_OK.fullmatch(path)
+                       and not _DOT_PART.search(path)):
         return path
     shown = path[:80].decode("utf-8", "backslashreplace")
     if len(path) > MAX_PATH_BYTES:
@@ -255,8 +262,13 @@ def hash_file(path: str | os.PathLike[str], size: int | None = None) -> str:
     if size >= _MMAP_THRESHOLD:
         hasher.update_mmap(path)
     else:
-        with open(path, "rb") as handle:
-            hasher.update(handle.read())
+        # os-level read: a BufferedReader per small file costs more than the hashing.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while chunk := os.read(fd, _READ_CHUNK):
+                hasher.update(chunk)
+        finally:
+            os.close(fd)
     return str(hasher.hexdigest())
 
 
