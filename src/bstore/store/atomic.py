@@ -93,6 +93,17 @@ _UMASK = _umask()
 
 
 def remove_tree(path: Path | bytes, *, count: bool = False) -> int:
+    """Remove a file or tree (see :func:`_remove_tree`); errors become :class:`StoreError`."""
+    try:
+        return _remove_tree(path, count=count)
+    except OSError as exc:
+        raise StoreError(f"cannot remove {os.fsdecode(path)!r}: {exc.strerror}"
+                         f" ({_filename(exc)})",
+                         hint="check permissions and free space; the next store gc"
+                         " retries") from exc
+
+
+def _remove_tree(path: Path | bytes, *, count: bool = False) -> int:
     """Remove a file or tree, even read-only (0555) and arbitrarily deep; return the bytes
     freed (allocated blocks of files whose last link went) when ``count`` is set.
 
@@ -320,6 +331,20 @@ def copy_tree(src: Path, dst: Path, progress: Progress | None = None) -> Manifes
 
 
 def canonicalise_tree(top: Path) -> None:
+    """See :func:`_canonicalise_tree`; filesystem errors become :class:`StoreError`."""
+    try:
+        _canonicalise_tree(top)
+    except OSError as exc:
+        raise StoreError(f"cannot canonicalise staged tree {str(top)!r}: {exc.strerror}"
+                         f" ({_filename(exc)})") from exc
+
+
+def _filename(exc: OSError) -> str:
+    name = exc.filename
+    return os.fsdecode(name) if isinstance(name, str | bytes) else "an entry in it"
+
+
+def _canonicalise_tree(top: Path) -> None:
     """Give a staged tree canonical modes, mtime 1 and no xattrs (top dir left writable).
 
     Used on trees others staged (imports, builds). Hardlinks inside the tree are fine:
