@@ -105,7 +105,7 @@ def test_modified_file_names_expected_and_actual_hash(fx: Fixture) -> None:
     assert f"{fx.st.full_path(fx.app)}/bin/run: expected blake3 {expected}, got {got}" \
         in res.stdout.splitlines()
     assert "checked 2 path(s): 1 problem(s)" in res.stdout
-    # Without --check-contents only existence and sizes are cheap to see: same size here.
+    # Without --check-contents only existence is checked (like nix-store --verify).
     assert fx.bstore("store", "verify").returncode == 0
 
 
@@ -371,3 +371,29 @@ def test_disk_mcid_agrees_with_scan_tree(shape: str, tmp_path: Path) -> None:
         assert disk_mcid(root) == scan_tree(root).mcid != before
         os.mkfifo(root / "fifo")
         assert disk_mcid(root) is None
+
+
+@pytest.mark.parametrize(("sql", "damage", "message"), [
+    ("UPDATE paths SET mcid = 'mcid1-manifest-blake3-' || printf('%064d', 0) WHERE path = ?",
+     False,
+     r": the database records MCID mcid1-manifest-blake3-0{64} but its manifest has mcid1-"),
+    # The manifest is only read when the tree's MCID differs from the recorded one.
+    ("UPDATE paths SET manifest = CAST('garbage' AS BLOB) WHERE path = ?", True,
+     r": .*manifest of \S+-app: missing header"),
+], ids=["mcid column edited", "manifest blob corrupt"])
+def test_inconsistent_database_row_is_a_bad_record(fx: Fixture, sql: str, damage: bool,
+                                                   message: str) -> None:
+    import sqlite3
+
+    if damage:
+        mutate_mode(fx)
+    conn = sqlite3.connect(fx.st.layout.db_path)
+    with conn:
+        conn.execute(sql, (str(fx.app),))
+    conn.close()
+    res = fx.bstore("--json", "store", "verify", "--check-contents")
+    assert res.returncode == 1
+    problems = json.loads(res.stdout)["problems"]
+    assert [p["kind"] for p in problems] == ["bad-record"]
+    assert re.search(re.escape(fx.st.full_path(fx.app)) + message, problems[0]["message"]), \
+        problems[0]["message"]
