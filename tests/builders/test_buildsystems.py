@@ -4,6 +4,7 @@ real ``erl``; determinism across build directories; hostile builds and inputs.""
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import subprocess
 import uuid
@@ -152,8 +153,11 @@ def test_source_is_not_modified_and_work_dir_is_emptied(
 ) -> None:
     source = sample_apps.rebar3_app(tmp_path / "src")
     before = compute_mcid(source)
+    dep_before = compute_mcid(built_deps["greeter"].lib_dir)
     result = do_build(tmp_path, source, "rebarapp", "2.0.0", [built_deps["greeter"]])
     assert compute_mcid(source) == before
+    # The dependency was linked into the work dir; cleaning it must not follow the link.
+    assert compute_mcid(built_deps["greeter"].lib_dir) == dep_before
     assert list((tmp_path / "work" / "rebarapp").iterdir()) == []
     assert "rebar3 bare compile" in result.log_path.read_text()
 
@@ -426,3 +430,58 @@ def _processes_with(marker: str) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+@pytest.mark.parametrize(
+    ("app_src", "message"),
+    [
+        ("{application, other, [{vsn, \"1\"}]}.\n",
+         "describes application 'other', not 'plainapp'"),
+        ("{library, plainapp, []}.\n", "is not an application resource file"),
+        ("{application, plainapp, [{vsn, \"1\"}]}.\n{extra, term}.\n",
+         "is not an application resource file"),
+    ],
+)
+def test_a_bad_app_src_is_refused(tmp_path: Path, app_src: str, message: str) -> None:
+    source = sample_apps.erlc_app(tmp_path / "src")
+    (source / "src" / "plainapp.app.src").write_text(app_src)
+    with pytest.raises(BuildError) as err:
+        do_build(tmp_path, source, "plainapp", "0.1.0")
+    assert message in err.value.message
+    assert not (tmp_path / "out" / "plainapp" / "lib").exists()
+
+
+def test_an_unparseable_app_src_fails_in_the_beam_with_its_reason(tmp_path: Path) -> None:
+    source = sample_apps.erlc_app(tmp_path / "src")
+    (source / "src" / "plainapp.app.src").write_text("{application, plainapp, [\n")
+    with pytest.raises(BuildError) as err:
+        do_build(tmp_path, source, "plainapp", "0.1.0")
+    assert "build step 'finalize .app and debug info' failed" in err.value.message
+    assert "bstore finalize:" in err.value.log_tail
+    assert "unreadable_app_file" in err.value.log_tail
+
+
+def test_an_app_file_beyond_the_python_term_model_is_written_by_the_beam(
+    tmp_path: Path,
+) -> None:
+    # A map with a list key is valid Erlang that bstore's term model cannot hold: the
+    # .app is then produced by file:consult/1 + ~tp in erl, and must still be right.
+    source = sample_apps.erlc_app(tmp_path / "src")
+    (source / "src" / "plainapp.app.src").write_text(
+        '{application, plainapp, [{vsn, "x"}, {registered, []},\n'
+        '  {applications, [kernel, stdlib]}, {env, [{routes, #{[1, 2] => root}}]}]}.\n'
+    )
+    result = do_build(tmp_path, source, "plainapp", "0.1.0")
+    assert app_facts(result, [], "application:get_env(plainapp, routes)") == (
+        '{"0.1.0",[plainapp,plainapp_util],{ok,#{[1,2] => root}}}'
+    )
+    assert "finalize .app and debug info" in result.log_path.read_text()
+
+
+def test_special_files_in_the_source_are_refused(tmp_path: Path) -> None:
+    source = sample_apps.erlc_app(tmp_path / "src")
+    os.mkfifo(source / "src" / "pipe")
+    with pytest.raises(BuildError) as err:
+        do_build(tmp_path, source, "plainapp", "0.1.0")
+    assert "is not a regular file, directory or symlink" in err.value.message
+    assert "pipe" in err.value.message

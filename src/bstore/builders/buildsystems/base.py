@@ -158,6 +158,13 @@ def copy_tree(src: Path, dst: Path, *, what: str, root: Path | None = None) -> N
             entry = Path(dirpath) / name
             if entry.is_symlink():
                 _check_inside(entry, root or src, what)
+            elif not (entry.is_file() or entry.is_dir()):
+                # A FIFO would block the copy forever; devices and sockets have no
+                # business in a source tree or a build output.
+                raise BuildError(
+                    f"{what} {str(entry)!r} is not a regular file, directory or symlink",
+                    hint="remove special files (FIFOs, sockets, devices) from the tree",
+                )
     try:
         shutil.copytree(src, dst, symlinks=False)
     except (OSError, shutil.Error) as exc:
