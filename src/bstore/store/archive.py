@@ -282,6 +282,9 @@ def export_paths(store: LocalStore, paths: Iterable[StorePath], out: BinaryIO, *
         order = store.closure(paths)
     else:
         order = export_order(lambda p: store.query_info(p).references, paths)
+    for sp in order:
+        # A GC running while we read must not delete what we are exporting.
+        store.add_temp_root(sp)
     compressor = zstandard.ZstdCompressor(
         level=COMPRESSION_LEVEL, write_checksum=True, write_content_size=False)
     try:
