@@ -273,6 +273,9 @@ def export_paths(store: LocalStore, paths: Iterable[StorePath], out: BinaryIO, *
     zstd-compressed export stream; return the paths in the order written."""
     paths = list(paths)
     for sp in paths:
+        # Rooted before the validity check, so a concurrent GC cannot delete the path or
+        # its closure between the check and the read.
+        store.add_temp_root(sp)
         if not store.is_valid(sp):
             raise PathNotValidError(
                 f"cannot export {store.full_path(sp)}: it is not a valid path",
@@ -282,9 +285,6 @@ def export_paths(store: LocalStore, paths: Iterable[StorePath], out: BinaryIO, *
         order = store.closure(paths)
     else:
         order = export_order(lambda p: store.query_info(p).references, paths)
-    for sp in order:
-        # A GC running while we read must not delete what we are exporting.
-        store.add_temp_root(sp)
     compressor = zstandard.ZstdCompressor(
         level=COMPRESSION_LEVEL, write_checksum=True, write_content_size=False)
     try:
