@@ -4,9 +4,13 @@ writes outside the work dir, deadline and cancel kill the whole process group.""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -21,7 +25,9 @@ from bstore.builders.sandbox import (
     BuildError,
     Isolation,
     Sandbox,
+    _child_source,
     detect_isolation,
+    probe_isolation,
     read_log_tail,
 )
 
@@ -258,3 +264,89 @@ def _processes_with(marker: str) -> list[int]:
         if marker.encode() in cmdline and int(entry.name) != os.getpid():
             found.append(int(entry.name))
     return found
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/usr/bin/setpriv").exists()
+    or not Path("/usr/bin/python3").exists(),
+    reason="needs root (to drop to nobody with setpriv) and /usr/bin/python3",
+)
+def test_the_user_namespace_variant_works_for_an_unprivileged_user() -> None:
+    # What a non-root bstore gets: `unshare --map-root-user ...` plus the mount child.
+    # Run exactly that as uid 65534 (the system python: the venv may live under /root),
+    # in a directory that user can reach (pytest's tmp dirs are private to root).
+    base = Path(tempfile.mkdtemp(prefix="bstore-userns-"))
+    try:
+        _run_as_nobody(base)
+    finally:
+        shutil.rmtree(base)
+
+
+def _run_as_nobody(base: Path) -> None:
+    work = base / "work"
+    work.mkdir()
+    base.chmod(0o777)
+    work.chmod(0o777)
+    outside = base / "outside.txt"
+    argv = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            "/usr/bin/unshare", "--map-root-user", "--net", "--mount", "--pid", "--fork",
+            "--kill-child", "--mount-proc", "--",
+            "/usr/bin/python3", "-I", "-S", "-c", _child_source(), "--rw", str(work), "--",
+            "/usr/bin/python3", "-c",
+            "import socket, sys\n"
+            "open('inside.txt', 'w').write('ok')\n"
+            "try:\n    open(sys.argv[1], 'w')\n"
+            "except OSError as e:\n    print('write:', e.strerror)\n"
+            "try:\n    socket.create_connection(('127.0.0.1', 9), timeout=2)\n"
+            "except OSError as e:\n    print('connect:', e.strerror)\n",
+            str(outside)]
+    proc = subprocess.run(argv, cwd=work, capture_output=True, text=True, timeout=60,
+                          check=False)
+    if "Operation not permitted" in proc.stderr and "unshare" in proc.stderr:
+        pytest.skip(f"unprivileged user namespaces are disabled here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    assert (work / "inside.txt").read_text() == "ok"
+    assert "write: Read-only file system" in proc.stdout
+    assert "connect: Network is unreachable" in proc.stdout
+    assert not outside.exists()
+
+
+def test_no_unshare_means_no_isolation_and_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="bstore.builders.sandbox"):
+        iso = probe_isolation(None)
+    assert iso == Isolation(reason="unshare (util-linux) is not installed")
+    assert "builds run WITHOUT network or filesystem isolation" in caplog.text
+
+
+def test_a_failing_unshare_falls_back_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = tmp_path / "unshare"
+    fake.write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    with caplog.at_level(logging.WARNING, logger="bstore.builders.sandbox"):
+        iso = probe_isolation(str(fake))
+    assert not (iso.network or iso.filesystem or iso.pids) and iso.prefix == ()
+    assert "Operation not permitted" in iso.reason
+    assert "builds run WITHOUT network or filesystem isolation" in caplog.text
+    # And a build still runs, unisolated.
+    sb = _sandbox(tmp_path, isolation=iso)
+    sb.run(["true"], cwd=sb.work_dir)
+
+
+def test_network_only_when_mounts_are_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An unshare that refuses --mount but honours --net (some container runtimes).
+    fake = tmp_path / "unshare"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = --mount ] && '
+                    "{ echo 'unshare: mount namespace: Permission denied' >&2; exit 1; }; "
+                    'done\nwhile [ "$1" != -- ]; do shift; done\nshift\nexec "$@"\n')
+    fake.chmod(0o755)
+    with caplog.at_level(logging.WARNING, logger="bstore.builders.sandbox"):
+        iso = probe_isolation(str(fake))
+    assert iso.network and not iso.filesystem and not iso.pids
+    assert "--mount" not in iso.prefix
+    assert "builds can write outside their work dir" in caplog.text
+    assert "Permission denied" in iso.reason

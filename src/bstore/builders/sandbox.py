@@ -30,6 +30,7 @@ import inspect
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,12 +184,16 @@ def _probe(prefix: Sequence[str], filesystem: bool) -> str | None:
 
 @functools.cache
 def detect_isolation() -> Isolation:
-    """The strongest isolation this host allows, probed once per process.
+    """The strongest isolation this host allows, probed once per process."""
+    return probe_isolation(shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin"))
+
+
+def probe_isolation(unshare: str | None) -> Isolation:
+    """The strongest isolation ``unshare`` (a path, or None if absent) gives. Uncached.
 
     Tries, in order: network + mount + PID namespaces (as root directly, otherwise in a
     user namespace), then network only; logs a warning when builds will not be isolated.
     """
-    unshare = "/usr/bin/unshare" if Path("/usr/bin/unshare").exists() else None
     if unshare is None:
         reason = "unshare (util-linux) is not installed"
         log.warning("builds run WITHOUT network or filesystem isolation: %s", reason)
