@@ -240,6 +240,8 @@ def test_timeout_must_be_positive(tmp_path: Path, timeout: float) -> None:
 def test_isolation_values_are_consistent() -> None:
     with pytest.raises(ValueError, match="needs an unshare prefix"):
         Isolation(network=True)
+    with pytest.raises(ValueError, match="needs a mount namespace"):
+        Isolation(prefix=("/usr/bin/unshare", "--net", "--"), network=True, filesystem=True)
     detected = detect_isolation()
     assert detect_isolation() is detected  # probed once per process
     assert detected.to_dict()["network"] == detected.network

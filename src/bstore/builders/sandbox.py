@@ -118,8 +118,8 @@ class Isolation:
     def __post_init__(self) -> None:
         if (self.network or self.filesystem or self.pids) and not self.prefix:
             raise ValueError("an isolation that isolates needs an unshare prefix")
-        if self.filesystem and not self.prefix:
-            raise ValueError("filesystem isolation needs a mount namespace")
+        if self.filesystem and "--mount" not in self.prefix:
+            raise ValueError("filesystem isolation needs a mount namespace (--mount)")
 
     def to_dict(self) -> dict[str, bool | str]:
         """JSON-ready summary (for ``--json`` output and logs)."""
