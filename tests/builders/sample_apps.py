@@ -178,3 +178,21 @@ def erlang_mk_app(root: Path, name: str = "mkapp", extra_make: str = "") -> Path
         f"src/{name}_two.erl": f"-module({name}_two).\n-export([two/0]).\ntwo() -> 2.\n",
         "priv/mk.txt": "mk\n",
     })
+
+
+def mix_app_compile_time_transitive(root: Path) -> Path:
+    """mix app ``mixtrans`` that names only ``exdep`` in mix.exs but calls ``greeter``
+    (a dependency of the closure, not of mix.exs) while it compiles."""
+    return _write(root / "mixtrans", {
+        "mix.exs": (
+            "defmodule Mixtrans.MixProject do\n  use Mix.Project\n"
+            '  def project, do: [app: :mixtrans, version: "0.1.0", elixir: "~> 1.14",\n'
+            '                    deps: [{:exdep, "~> 0.2"}]]\n'
+            "  def application, do: [extra_applications: []]\nend\n"
+        ),
+        "lib/mixtrans.ex": (
+            "defmodule Mixtrans do\n"
+            '  @greeting :greeter.greet("compile time")\n'
+            "  def greeting, do: Exdep.shout(@greeting)\nend\n"
+        ),
+    })

@@ -127,6 +127,17 @@ def test_mix_app_with_erlang_and_elixir_deps(
     assert "greeter" in app and "exdep" in app  # mix listed the deps as applications
 
 
+def test_mix_sees_the_whole_dependency_closure_while_compiling(
+    tmp_path: Path, built_deps: dict[str, DepLib], elixir_ebin: Path
+) -> None:
+    deps = [built_deps["greeter"], built_deps["exdep"]]
+    source = sample_apps.mix_app_compile_time_transitive(tmp_path / "src")
+    result = do_build(tmp_path, source, "mixtrans", "0.1.0", deps)
+    assert app_facts(result, deps, "'Elixir.Mixtrans':greeting()", [elixir_ebin]) == (
+        "{\"0.1.0\",['Elixir.Mixtrans'],<<\"HELLO, COMPILE TIME!\">>}"
+    )
+
+
 def test_erlang_mk_app(tmp_path: Path, built_deps: dict[str, DepLib]) -> None:
     greeter = built_deps["greeter"]
     source = sample_apps.erlang_mk_app(tmp_path / "src")

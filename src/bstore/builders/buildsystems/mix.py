@@ -67,6 +67,9 @@ def run(ctx: BuildContext) -> BuiltTree:
     env = {
         **ctx.env,
         "MIX_PATH": _write_standins(ctx),
+        # mix puts only the deps that mix.exs names on the code path; the rest of the
+        # closure (deps of deps, which mix cannot see here) comes through ERL_LIBS.
+        "ERL_LIBS": str(ctx.deps_dir),
         "MIX_HOME": str(ctx.sandbox.home / ".mix"),
         "HEX_HOME": str(ctx.sandbox.home / ".hex"),
     }
