@@ -352,3 +352,18 @@ def test_network_only_when_mounts_are_refused(
     assert "--mount" not in iso.prefix
     assert "builds can write outside their work dir" in caplog.text
     assert "Permission denied" in iso.reason
+
+
+@needs_mountns
+def test_the_mount_child_fails_closed(tmp_path: Path) -> None:
+    # If a writable dir cannot be bind-mounted, the build must not run at all.
+    iso = detect_isolation()
+    missing = tmp_path / "missing"
+    proc = subprocess.run(
+        [*iso.prefix, PY, "-I", "-S", "-c", _child_source(), "--rw", str(missing), "--",
+         PY, "-c", "print('RAN')"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 97
+    assert "bstore sandbox:" in proc.stderr and str(missing) in proc.stderr
+    assert "RAN" not in proc.stdout

@@ -315,8 +315,13 @@ class Sandbox:
             except OSError as exc:
                 raise self._fail(f"cannot start step {step!r} ({argv[0]!r}): {exc}") from exc
             status = self._wait(proc, step)
-        if status == _SETUP_FAILED and isolation.filesystem:
-            raise self._fail(f"the build sandbox could not be set up for step {step!r}")
+        if (status == _SETUP_FAILED and isolation.filesystem
+                and "bstore sandbox:" in read_log_tail(self.log_path)):
+            raise self._fail(
+                f"the build sandbox could not be set up for step {step!r}",
+                hint="see the 'bstore sandbox:' line in the log; the host's mounts changed "
+                "since isolation was probed",
+            )
         if status != 0:
             raise self._fail(
                 f"build step {step!r} failed with exit status {status}",
