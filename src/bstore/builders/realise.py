@@ -81,7 +81,7 @@ class DerivationFailed(RealiseError):
     def __init__(self, node: Node, log_path: Path, cause: BstoreError) -> None:
         super().__init__(
             f"building {node.label} (derivation {node.key}) failed: {cause.message}",
-            hint=f"the full log is {str(log_path)!r} (bstore log {node.label.rsplit('-', 1)[0]})",
+            hint=f"the full log is {str(log_path)!r} (bstore log {node.drv.name})",
         )
         self.node = node
         self.log_path = log_path
