@@ -97,8 +97,8 @@ class _Peer:
 
 
 def _report(title: str, benchmark: Any, peer: _Peer, peer_name: str, target: float) -> float:
-    ours_min = benchmark.stats.stats.min
-    ours_med = benchmark.stats.stats.median
+    ours_min = float(benchmark.stats.stats.min)
+    ours_med = float(benchmark.stats.stats.median)
     ratio = ours_min / min(peer.times)
     print(f"\n[{title}] bstore min {ours_min:.3f}s median {ours_med:.3f}s | {peer_name} min"
           f" {min(peer.times):.3f}s median {statistics.median(peer.times):.3f}s |"

@@ -446,3 +446,14 @@ def test_dangling_references_and_relink(store: LocalStore, sample_tree: Path) ->
     store.db.relink_references(out, [dep])
     assert store.db.dangling_references() == []
     assert store.query_info(out).references == (dep,)
+
+
+def test_root_through_symlinked_parent_is_one_store(tmp_path: Path, sample_tree: Path) -> None:
+    real_parent = tmp_path / "real"
+    real_parent.mkdir()
+    (tmp_path / "alias").symlink_to(real_parent)
+    with LocalStore.open(tmp_path / "alias" / "root") as st:
+        sp = st.add_path(sample_tree)
+        assert st.store_dir == real_parent / "root" / "store"
+    with LocalStore.open(real_parent / "root") as st:
+        assert st.valid_paths() == [sp]

@@ -93,9 +93,10 @@ class LocalStore:
         """
         timeout = lock_timeout_from_env() if lock_timeout is None else lock_timeout
         root = Path(os.path.abspath(root))
+        # The store dir's string is part of every digest: resolve the parents (the root
+        # itself may not be a symlink) so every spelling of the root gives the same one.
+        root = Path(os.path.realpath(root.parent)) / root.name
         check_root(root)
-        if root.exists():
-            root = Path(os.path.realpath(root))
         layout = StoreLayout(root)
         if not layout.db_path.exists():
             if not store_is_empty(layout):
