@@ -227,6 +227,9 @@ def _mix_dep(dep: object, label: str) -> Requested | None:
     for part in dep[1:]:
         if isinstance(part, str):
             requirement = part
+        elif isinstance(part, tuple) and len(part) == 2 and isinstance(part[0], Atom):
+            # The reader turns trailing `key: value` sugar into {:key, value} items.
+            opts[part[0].name] = part[1]
         elif isinstance(part, list):
             for item in part:
                 if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], Atom):
