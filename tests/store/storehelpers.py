@@ -96,8 +96,13 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int, int]]:
 
 
 def check_consistent(st: LocalStore) -> None:
-    """Every valid path's files match its recorded manifest; nothing partial is valid."""
+    """Every valid path's files match its recorded manifest; nothing partial is valid;
+    ``store verify --check-contents`` finds no error."""
     from bstore.store.manifest import scan_tree
+    from bstore.store.verify import verify_store
+
+    report = verify_store(st, check_contents=True)
+    assert report.ok, [p.message for p in report.problems]
 
     for sp in st.valid_paths():
         recorded = st.query_manifest(sp)

@@ -34,6 +34,9 @@ def test_add_killed_at_crash_point(tmp_path: Path, point: str) -> None:
             if name not in valid:
                 assert point in ("after-rename", "before-commit")
 
+    verify = run_bstore(root, "store", "verify", "--check-contents")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
     again = run_bstore(root, "store", "add", str(tree))
     assert again.returncode == 0, again.stderr
     added = Path(again.stdout.strip())
