@@ -1,0 +1,175 @@
+"""``bstore build`` and ``bstore log``: an apps directory built through the CLI (click's
+runner and a real subprocess on a pseudo-terminal), JSON output with the pinned
+resolution, no-op rebuilds, failures with --keep-going, kept logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "builders"))
+
+import realise_helpers as rh
+import sample_apps
+from hexrepo import HexRepoBuilder, default_chain, new_key
+from localhttp import LocalServer
+
+from bstore.cli.main import cli
+
+pytestmark = pytest.mark.integration
+
+CHAIN_APP = {
+    "rebar.config": "{deps, [{hexa_top, \"~> 0.1\"}]}.\n",
+    "src/chainapp.app.src": (
+        '{application, chainapp, [{description, "c"}, {vsn, "0.0.0"},\n'
+        "  {registered, []}, {applications, [kernel, stdlib, hexa_top]}]}.\n"
+    ),
+    "src/chainapp.erl": "-module(chainapp).\n-export([run/0]).\nrun() -> hexa_top:chain().\n",
+}
+
+
+def write_spec(apps: Path, name: str, version: str, source: dict[str, str]) -> None:
+    (apps / name).mkdir(parents=True, exist_ok=True)
+    (apps / name / "app.json").write_text(json.dumps(
+        {"name": name, "version": version, "source": source}))
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[LocalServer, HexRepoBuilder]]:
+    builder = default_chain(HexRepoBuilder(new_key(), name="hexpm"))
+    with LocalServer() as server:
+        builder.serve(server)
+        yield server, builder
+
+
+@pytest.fixture
+def setup(tmp_path: Path, served: tuple[LocalServer, HexRepoBuilder]) -> dict[str, Path | str]:
+    server, builder = served
+    repos = tmp_path / "repos"
+    plain = rh.git_repo(sample_apps.erlc_app(repos))
+    chain = repos / "chainapp"
+    for rel, text in CHAIN_APP.items():
+        (chain / rel).parent.mkdir(parents=True, exist_ok=True)
+        (chain / rel).write_text(text)
+    rh.git_repo(chain)
+    apps = tmp_path / "apps"
+    write_spec(apps, "plainapp", "1.0.0", {"type": "git", "url": plain.as_uri(),
+                                           "ref": rh.git(plain, "rev-parse", "HEAD")})
+    write_spec(apps, "chainapp", "0.1.0", {"type": "git", "url": chain.as_uri(), "ref": "main"})
+    url, sha = rh.serve_release(server, "relapp", "3.0.0")
+    write_spec(apps, "relapp", "3.0.0", {"type": "release", "url": url, "sha256": sha})
+    key = tmp_path / "hexpm.pem"
+    key.write_text(builder.public_key_pem)
+    return {"apps": apps, "root": tmp_path / "root", "key": key, "url": server.base_url,
+            "repos": repos}
+
+
+def bstore(setup: dict[str, Path | str], *args: str) -> tuple[int, str, str]:
+    runner = CliRunner()
+    result = runner.invoke(cli, ["--root", str(setup["root"]), *args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def hex_args(setup: dict[str, Path | str]) -> list[str]:
+    return ["--hex-repo", "hexpm", str(setup["url"]), str(setup["key"])]
+
+
+def test_build_json_noop_and_log(setup: dict[str, Path | str]) -> None:
+    code, out, err = bstore(setup, "build", str(setup["apps"]), "-j", "2", "--json",
+                            *hex_args(setup))
+    assert code == 0, out + err
+    report = json.loads(out)
+    assert report["ok"] is True
+    apps = report["apps"]
+    assert {n: a["state"] for n, a in apps.items()} == {
+        "chainapp": "built", "plainapp": "built", "relapp": "built"}
+    assert [(p["package"], p["version"]) for p in apps["chainapp"]["resolution"]] == [
+        ("hexa_leaf", "1.1.0"), ("hexa_mid", "1.1.0"), ("hexa_top", "0.1.0")]
+    for app in apps.values():
+        assert Path(app["output"]).is_dir()
+    assert sorted(report["built"]) == ["chainapp-0.1.0", "hexa_leaf-1.1.0", "hexa_mid-1.1.0",
+                                       "hexa_top-0.1.0", "plainapp-1.0.0", "relapp-3.0.0"]
+
+    # Human output, again: nothing to do, and each app's output path.
+    code, out, err = bstore(setup, "build", str(setup["apps"]), *hex_args(setup))
+    assert code == 0, err
+    lines = out.splitlines()
+    for name in ("chainapp", "plainapp", "relapp"):
+        assert f"{name} {apps[name]['output']}" in lines
+    assert lines[-1] == "0 built, 6 already valid, 0 failed"
+    # Not a terminal: plain progress lines on stderr.
+    assert "[6/6]" in err and "\x1b[" not in err
+
+    code, out, _ = bstore(setup, "log", "plainapp")
+    assert code == 0 and "building plainapp-1.0.0" in out and "erlc" in out
+    code, out2, _ = bstore(setup, "log", apps["plainapp"]["output"])
+    assert code == 0 and out2 == out
+    code, _, err = bstore(setup, "log", "nosuchapp")
+    assert code == 1 and "no build log for 'nosuchapp'" in err
+
+
+def test_failure_keep_going_exit_code(setup: dict[str, Path | str]) -> None:
+    broken = sample_apps.erlc_app(Path(setup["repos"]), "brokenapp")
+    (broken / "src/brokenapp.erl").write_text("-module(brokenapp).\noops(\n")
+    rh.git_repo(broken)
+    write_spec(Path(setup["apps"]), "brokenapp", "1.0.0",
+               {"type": "git", "url": broken.as_uri(), "ref": "main"})
+    code, out, err = bstore(setup, "build", str(setup["apps"]), "--keep-going",
+                            *hex_args(setup))
+    assert code == 1
+    assert "brokenapp failed: building brokenapp-1.0.0 (derivation" in out
+    assert "brokenapp.erl:2" in out  # the log tail names the compiler error
+    assert "full log: bstore log brokenapp" in err
+    for name in ("chainapp", "plainapp", "relapp"):
+        assert any(line.startswith(f"{name} /") for line in out.splitlines()), out
+    code, log, _ = bstore(setup, "log", "brokenapp")
+    assert code == 0 and "syntax error" in log
+
+
+def test_unknown_hex_repository_key_file(setup: dict[str, Path | str]) -> None:
+    code, _, err = bstore(setup, "build", str(setup["apps"]), "--hex-repo", "hexpm",
+                          "http://127.0.0.1:1", str(Path(setup["root"]) / "missing.pem"))
+    assert code == 1 and "cannot read the public key of hex repository 'hexpm'" in err
+
+
+def test_live_progress_on_a_terminal(setup: dict[str, Path | str]) -> None:
+    """A real ``bstore build`` whose stderr is a pseudo-terminal redraws its lines."""
+    apps = Path(setup["apps"])
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from bstore.cli.main import main; main()",
+         "--root", str(setup["root"]), "build", str(apps / "plainapp")],
+        stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")},
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([master], [], [], 120)
+        if not ready:
+            break
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    out, _ = proc.communicate(timeout=120)
+    os.close(master)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, screen
+    assert "building plainapp-1.0.0" in screen
+    assert "\x1b[" in screen and "[1/1] derivations done" in screen
+    assert out.decode().startswith("plainapp /")
