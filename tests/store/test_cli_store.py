@@ -97,3 +97,36 @@ def test_info_without_store(tmp_path: Path) -> None:
     result = invoke(tmp_path / "none", "store", "info", "0" * 32 + "-x")
     assert result.exit_code == 1 and "no store at" in result.stderr
     assert not (tmp_path / "none").exists()
+
+
+def test_add_progress_on_a_terminal(tmp_path: Path) -> None:
+    import os
+    import pty
+    import subprocess
+
+    from storehelpers import BSTORE
+
+    spec = {f"d{i}": {f"f{j}": "x" * j for j in range(300)} for i in range(2)}
+    tree = write_tree(tmp_path / "tree", spec)  # type: ignore[arg-type]
+    main, side = pty.openpty()
+    try:
+        proc = subprocess.run([*BSTORE, "--root", str(tmp_path / "root"), "store", "add",
+                               str(tree)], stdout=subprocess.PIPE, stderr=side, timeout=120,
+                              env={**os.environ, "BSTORE_ROOT": ""})
+        os.close(side)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the other side is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(main)
+    assert proc.returncode == 0
+    assert proc.stdout.decode().strip().endswith("-tree")
+    # one updating line: carriage return + erase, never the plain log line
+    assert b"\r\x1b[Kadding " in shown and b"files," in shown
+    assert b"adding " + str(tree).encode() + b"\n" not in shown.replace(b"\r\n", b"\n")
