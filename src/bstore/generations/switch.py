@@ -20,6 +20,7 @@ from bstore.generations.generation import load_generation, write_generation
 from bstore.generations.journal import (
     FinishActivation,
     Journal,
+    Outcome,
     Recovery,
     Step,
     clear_journal,
@@ -108,21 +109,26 @@ def switch_to_number(profile: Profile, number: int, *, hook: ActivationHook | No
     ``bstore rollback --to``)."""
     with profile.locked():
         recovered = recover(profile, finish or hook)
-        target = profile.get(number)
-        current = profile.current()
-        if current is not None and current.number == number:
-            return SwitchResult(current, current, True, recovered)
-        # A damaged generation is refused before any link changes.
-        load_generation(profile.store, target.store_path)
-        return _switch(profile, operation, target.store_path, number, hook, recovered)
+        return _switch_existing(profile, number, hook, recovered, operation)
+
+
+def _switch_existing(profile: Profile, number: int, hook: ActivationHook | None,
+                     recovered: Recovery, operation: str) -> SwitchResult:
+    target = profile.get(number)
+    current = profile.current()
+    if current is not None and current.number == number:
+        return SwitchResult(current, current, True, recovered)
+    # A damaged generation is refused before any link changes.
+    load_generation(profile.store, target.store_path)
+    return _switch(profile, operation, target.store_path, number, hook, recovered)
 
 
 def rollback(profile: Profile, to: int | None = None, *, hook: ActivationHook | None = None,
              finish: FinishActivation | None = None) -> SwitchResult:
     """Switch back to generation ``to``, or to the highest one below the current."""
-    if to is None:
-        with profile.locked():
-            recover(profile, finish or hook)
+    with profile.locked():
+        recovered = recover(profile, finish or hook)
+        if to is None:
             current = profile.current_number()
             if current is None:
                 raise ProfileError(f"profile {profile.name!r} has no generation yet",
@@ -132,7 +138,7 @@ def rollback(profile: Profile, to: int | None = None, *, hook: ActivationHook | 
                 raise ProfileError(f"generation {current} is the oldest of profile"
                                    f" {profile.name!r}; there is nothing to roll back to",
                                    hint="list generations with bstore generations")
-    return switch_to_number(profile, to, hook=hook, finish=finish)
+        return _switch_existing(profile, to, hook, recovered, "rollback")
 
 
 def delete_generations(profile: Profile, *, keep: int | None = None,
@@ -144,7 +150,7 @@ def delete_generations(profile: Profile, *, keep: int | None = None,
     """
     with profile.locked():
         pending = recover(profile)
-        if pending.journal is not None and pending.outcome.value == "pending-activation":
+        if pending.outcome is Outcome.PENDING:
             raise ProfileError(f"profile {profile.name!r} has an unfinished activation",
                                hint="finish it first (bstore activate)")
         gens = profile.generations()

@@ -1,0 +1,194 @@
+"""``bstore generations``, ``bstore rollback``, ``bstore diff``: a profile's generations.
+
+Every command first finishes or reverts a switch an earlier bstore was killed in (the
+activation journal); ``rollback`` activates the generation it switches to with the
+configured activator (``--activator``, ``$BSTORE_ACTIVATOR``; ``dry-run`` by default
+until the real activators are configured, which shows the plan and runs nothing;
+``none`` switches the links only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import click
+
+from bstore.activators.base import ActivatorContext, activation_hook, load_activator
+from bstore.activators.plan import plan, plan_to_json, render_plan
+from bstore.cli.context import AppContext, pass_app
+from bstore.errors import BstoreError
+from bstore.generations.diff import diff_generations, render_diff
+from bstore.generations.generation import load_generation
+from bstore.generations.journal import Outcome, recover
+from bstore.generations.profiles import DEFAULT_PROFILE, Profile, parse_duration
+from bstore.generations.switch import ActivationHook, delete_generations, rollback
+from bstore.store.local import LocalStore
+
+_profile_option = click.option(
+    "--profile", "-p", default=DEFAULT_PROFILE, envvar="BSTORE_PROFILE", show_default=True,
+    help="Profile name (profiles/<name> in the state dir).")
+_json_option = click.option("--json", "as_json", is_flag=True,
+                            help="Machine-readable JSON output.")
+
+
+def _app(app: AppContext, as_json: bool) -> AppContext:
+    return replace(app, json=True) if as_json else app
+
+
+def _recover(app: AppContext, prof: Profile) -> None:
+    with prof.locked():
+        result = recover(prof)
+    if result.outcome is not Outcome.NONE:
+        app.log(result.describe())
+
+
+def _gen_row(store: LocalStore, prof: Profile, current: int | None) -> list[dict[str, Any]]:
+    rows = []
+    for g in prof.generations():
+        row: dict[str, Any] = {
+            "number": g.number, "date": g.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "current": g.number == current, "store_path": store.full_path(g.store_path),
+            "commit": None, "apps": [], "error": None}
+        try:
+            manifest = load_generation(store, g.store_path)
+        except BstoreError as exc:  # one damaged generation must not hide the others
+            row["error"] = exc.message
+        else:
+            row["commit"] = manifest.commit
+            row["apps"] = [{"name": a.name, "version": a.version}
+                           for a in manifest.apps.values()]
+        rows.append(row)
+    return rows
+
+
+@click.group(invoke_without_command=True)
+@_profile_option
+@_json_option
+@pass_app
+@click.pass_context
+def generations(ctx: click.Context, app: AppContext, profile: str, as_json: bool) -> None:
+    """List the generations of a profile: number, date, commit, apps, current marker."""
+    if ctx.invoked_subcommand is not None:
+        return
+    app = _app(app, as_json)
+    with LocalStore.open(app.root, create=False) as store:
+        prof = Profile(store, profile)
+        _recover(app, prof)
+        current = prof.current_number()
+        rows = _gen_row(store, prof, current)
+    lines = [f"profile {profile}: {len(rows)} generation(s)"]
+    for r in rows:
+        apps = ", ".join(f"{a['name']}-{a['version']}" for a in r["apps"])
+        what = f"DAMAGED: {r['error']}" if r["error"] else (apps or "(no apps)")
+        commit = (r["commit"] or "-")[:12]
+        mark = "*" if r["current"] else " "
+        lines.append(f"{mark} {r['number']:>4}  {r['date']}  {commit:<12}  {what}"
+                     + ("  (current)" if r["current"] else ""))
+    app.emit({"profile": profile, "current": current, "generations": rows},
+             "\n".join(lines))
+
+
+@generations.command("delete")
+@click.option("--keep", type=int, help="Keep the N newest generations (and the current).")
+@click.option("--older-than", "older_than", metavar="D",
+              help="Delete generations linked more than D ago (30d, 12h, 1w2d).")
+@_profile_option
+@_json_option
+@pass_app
+def delete(app: AppContext, keep: int | None, older_than: str | None, profile: str,
+           as_json: bool) -> None:
+    """Delete old generations (never the current one); bstore store gc frees their paths."""
+    app = _app(app, as_json)
+    if (keep is None) == (older_than is None):
+        raise BstoreError("give exactly one of --keep N or --older-than D",
+                          hint="e.g. bstore generations delete --keep 5")
+    age = parse_duration(older_than) if older_than is not None else None
+    with LocalStore.open(app.root, create=False) as store:
+        prof = Profile(store, profile)
+        deleted = delete_generations(prof, keep=keep, older_than=age)
+    shown = ", ".join(map(str, deleted)) or "none"
+    app.emit({"profile": profile, "deleted": deleted},
+             f"deleted generation(s) of profile {profile}: {shown}"
+             + ("\nrun bstore store gc to free their store paths" if deleted else ""))
+
+
+def _hook(app: AppContext, store: LocalStore, profile: str, name: str
+          ) -> ActivationHook | None:
+    if name == "none":
+        return None
+    echo = app.log if app.json else click.echo
+    activator = load_activator(name, ActivatorContext(app.root, profile, echo=echo))
+    return activation_hook(store, activator, echo)
+
+
+@click.command("rollback")
+@click.option("--to", "to", type=int, metavar="N",
+              help="Generation to switch to (default: the one before the current).")
+@click.option("--activator", default="dry-run", envvar="BSTORE_ACTIVATOR", show_default=True,
+              help="Activator that makes the running apps match ('none': links only).")
+@_profile_option
+@_json_option
+@pass_app
+def rollback_cmd(app: AppContext, to: int | None, activator: str, profile: str,
+                 as_json: bool) -> None:
+    """Switch the profile back to an earlier generation and activate it."""
+    app = _app(app, as_json)
+    with LocalStore.open(app.root, create=False) as store:
+        prof = Profile(store, profile)
+        hook = _hook(app, store, profile, activator)
+        result = rollback(prof, to, hook=hook)
+    old = result.previous.number if result.previous else None
+    new = result.current.number
+    if result.recovered.outcome is not Outcome.NONE:
+        app.log(result.recovered.describe())
+    text = (f"profile {profile} is already at generation {new}" if result.reused
+            else f"profile {profile}: generation {old} -> {new}")
+    app.emit({"profile": profile, "from": old, "to": new, "switched": not result.reused},
+             text)
+
+
+@click.command("diff")
+@click.argument("numbers", nargs=-1, type=int)
+@_profile_option
+@_json_option
+@pass_app
+def diff_cmd(app: AppContext, numbers: tuple[int, ...], profile: str, as_json: bool) -> None:
+    """What changed between generations: N and M, N and the current one, or (no
+    arguments) the one before the current and the current one."""
+    app = _app(app, as_json)
+    if len(numbers) > 2:
+        raise BstoreError(f"diff takes at most two generation numbers, got {len(numbers)}",
+                          hint="bstore diff [N [M]]")
+    with LocalStore.open(app.root, create=False) as store:
+        prof = Profile(store, profile)
+        _recover(app, prof)
+        current = prof.current_number()
+        if current is None and len(numbers) < 2:
+            raise BstoreError(f"profile {profile!r} has no current generation",
+                              hint="name two generations: bstore diff N M")
+        a: int | None
+        b: int | None
+        if len(numbers) == 2:
+            a, b = numbers
+        elif len(numbers) == 1:
+            a, b = numbers[0], current
+        else:
+            assert current is not None
+            a, b = prof.previous_number(current), current
+            if a is None:
+                raise BstoreError(f"generation {current} is the oldest of profile"
+                                  f" {profile!r}; nothing to compare it with",
+                                  hint="name two generations: bstore diff N M")
+        assert a is not None and b is not None
+        old = load_generation(store, prof.get(a).store_path)
+        new = load_generation(store, prof.get(b).store_path)
+    diffs = diff_generations(old, new)
+    actions = plan(old, new)
+    app.emit({"profile": profile, "from": a, "to": b,
+              "apps": [d.to_json() for d in diffs], "plan": plan_to_json(actions)},
+             render_diff(diffs, str(a), str(b)) + "\n"
+             + render_plan(actions, f"activation plan {a} -> {b}"))
+
+
+COMMANDS: list[click.Command] = [generations, rollback_cmd, diff_cmd]
