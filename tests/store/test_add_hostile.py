@@ -222,3 +222,19 @@ def test_umask_does_not_leak_into_store(tmp_path: Path) -> None:
     assert stat.S_IMODE((real / "bin" / "run").stat().st_mode) == 0o555
     assert stat.S_IMODE((real / "lib").stat().st_mode) == 0o555
     assert stat.S_IMODE(root.stat().st_mode) == 0o755
+
+
+def test_odd_but_valid_entry_names(store: LocalStore, tmp_path: Path) -> None:
+    tree = tmp_path / "odd"
+    tree.mkdir()
+    names = [b"new\nline", b"\xff\xfe-not-utf8", b"sp ace", b"-dash", b"..dots"]
+    for n in names:
+        with open(os.path.join(os.fsencode(tree), n), "wb") as f:
+            f.write(n)
+    sp = store.add_path(tree)
+    real = os.fsencode(store.real_path(sp))
+    assert sorted(os.listdir(real)) == sorted(names)
+    for n in names:
+        with open(os.path.join(real, n), "rb") as f:
+            assert f.read() == n
+    assert store.query_info(sp).mcid == compute_mcid(tree)
