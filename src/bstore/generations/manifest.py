@@ -44,6 +44,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 import blake3
@@ -306,6 +307,11 @@ class GenerationManifest:
 
     def content_hash(self) -> str:
         """blake3 hex of :meth:`hashed_content` in canonical JSON: the store path's hash."""
+        return self._content_hash
+
+    @cached_property
+    def _content_hash(self) -> str:
+        # Cached: the value is frozen, and a switch needs the hash more than once.
         return str(blake3.blake3(canonical_json(self.hashed_content())).hexdigest())
 
     def to_json(self) -> dict[str, Any]:
