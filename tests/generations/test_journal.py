@@ -26,14 +26,13 @@ from bstore.store.local import LocalStore
 Beams = dict[int, dict[str, bytes]]
 
 _CHILD = """
-import sys
 from pathlib import Path
 from bstore.store.local import LocalStore
 from bstore.generations.manifest import parse_manifest
 from bstore.generations.profiles import Profile
 from bstore.generations.switch import commit_generation, rollback
 
-root, op, manifest_file, marker = sys.argv[1:] if len(sys.argv) > 4 else ({args})
+root, op, manifest_file, marker = {args}
 
 def hook(old, new):
     with open(marker, "a") as f:
@@ -195,3 +194,13 @@ def test_leftover_temp_links_are_removed(root: Path, tmp_path: Path, beams: Beam
         os.symlink("default-1-link", prof.dir / ".tmp-default-deadbeef")
         assert recover(prof).outcome is Outcome.NONE
         assert not (prof.dir / ".tmp-default-deadbeef").is_symlink()
+
+
+def test_journal_that_is_a_symlink(root: Path, tmp_path: Path, beams: Beams) -> None:
+    _setup(root, tmp_path, beams)
+    with LocalStore.open(root) as store:
+        prof = Profile(store)
+        os.symlink("/etc/passwd", prof.journal_path)
+        with pytest.raises(JournalError, match=r"default\.journal': it is a symlink"):
+            rollback(prof)
+        assert prof.current_number() == 2

@@ -25,6 +25,7 @@ Crash points (``BSTORE_CRASH_AT``, see :mod:`bstore.store.crash`): :data:`CRASH_
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -145,7 +146,8 @@ def read_journal(profile: Profile) -> Journal | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise JournalError(f"cannot read journal {str(path)!r}: {exc.strerror}",
+        why = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
+        raise JournalError(f"cannot read journal {str(path)!r}: {why}",
                            hint="it must be a regular file; remove it by hand") from exc
     try:
         data = os.read(fd, _MAX_JOURNAL_BYTES + 1)

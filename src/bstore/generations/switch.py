@@ -6,7 +6,8 @@ links are replaced (temp symlink + ``rename`` + fsync of ``profiles/``), the opt
 activation hook runs, and the journal is removed. The hook is how the layer above
 (activators) takes part without this layer knowing about it: it receives the old and new
 generation links; if it raises, the profile is switched back to the old generation and
-the error is re-raised (re-activating the old generation is the caller's decision).
+the error is re-raised (re-activating the old generation is the caller's decision; a new
+generation's link stays, to be inspected, switched to or deleted).
 """
 
 from __future__ import annotations
