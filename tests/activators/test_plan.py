@@ -259,3 +259,31 @@ def test_unknown_activator(tmp_path: Path) -> None:
         load_activator("warp-drive", ActivatorContext(tmp_path, "default"))
     assert "no activator named 'warp-drive'" in info.value.message
     assert "dry-run" in (info.value.hint or "") and ENTRY_POINT_GROUP in (info.value.hint or "")
+
+
+def test_running_old_version_during_upgrade_is_not_drift() -> None:
+    new = fake_entry("web", "1.1", modules={"web": "a", "web_util": "b"}, env={"port": 80})
+    running = {"web": RunningState("web", AppStatus.RUNNING, "1.0", healthy=True,
+                                   output=str(WEB.output))}
+    action = one(WEB, new, running)
+    assert action.kind is ActionKind.RESTART and action.reasons == ("version 1.0 -> 1.1",)
+
+
+@pytest.mark.parametrize(("new", "kind", "reasons"), [
+    (fake_entry("web", "1.1", modules={"web": "a", "web_util": "b"}, env={"port": 80}),
+     ActionKind.KEEP, ("already running the new build",)),
+    (fake_entry("web", "1.0", modules={"web": "a2", "web_util": "b"}, env={"port": 81}),
+     ActionKind.RECONFIGURE, ("already running the new build", "env: set port")),
+])
+def test_rerun_after_interrupted_activation(new: AppEntry, kind: ActionKind,
+                                            reasons: tuple[str, ...]) -> None:
+    # the killed activation had already brought the new build up
+    running = {"web": RunningState("web", AppStatus.RUNNING, new.version,
+                                   output=str(new.output))}
+    action = one(WEB, new, running)
+    assert (action.kind, action.reasons) == (kind, reasons)
+    fresh = fake_entry("api", "0.1")
+    state = {"api": RunningState("api", AppStatus.RUNNING, "0.1", output=str(fresh.output))}
+    assert one(None, fresh, state).kind is ActionKind.KEEP
+    unhealthy = {"web": dataclasses.replace(running["web"], healthy=False)}
+    assert one(WEB, new, unhealthy).kind is ActionKind.RESTART

@@ -145,7 +145,10 @@ def _restart_reasons(old: AppEntry, new: AppEntry) -> list[str]:
     if old.version != new.version:
         reasons.append(f"version {old.version} -> {new.version}")
     if not old.source.same_spec(new.source):
-        reasons.append("source changed")
+        # A hex source's ref follows the version: that is the upgrade, said once.
+        moved_ref = replace(old.source, ref=new.source.ref)
+        if old.version == new.version or not moved_ref.same_spec(new.source):
+            reasons.append("source changed")
     if set(old.closure) - {old.output} != set(new.closure) - {new.output}:
         reasons.append("dependency closure changed")
     if old.mcid != new.mcid:
@@ -164,19 +167,29 @@ def _changed_modules(old: AppEntry, new: AppEntry) -> tuple[str, ...]:
     return tuple(sorted(m for m, h in new.modules.items() if old.modules.get(m) != h))
 
 
-def _drift(state: RunningState | None, new: AppEntry) -> tuple[ActionKind, str] | None:
-    """What a running state that disagrees with the generation calls for, if anything."""
+def _drift(state: RunningState | None, expected: AppEntry) -> tuple[ActionKind, str] | None:
+    """What a running state that disagrees with ``expected`` (the app as the old
+    generation has it) calls for, if anything."""
     if state is None or state.status in (AppStatus.STOPPED, AppStatus.FAILED):
         why = "not running" if state is None else state.status.value
         detail = f": {state.reason}" if state is not None and state.reason else ""
         return ActionKind.START, f"{why}{detail} (drift)"
-    if state.version is not None and state.version != new.version:
-        return ActionKind.RESTART, f"running version {state.version}, not {new.version} (drift)"
-    if state.output is not None and state.output != str(new.output):
+    if state.version is not None and state.version != expected.version:
+        return ActionKind.RESTART, (f"running version {state.version}, not"
+                                    f" {expected.version} (drift)")
+    if state.output is not None and state.output != str(expected.output):
         return ActionKind.RESTART, "running code from another build (drift)"
     if state.healthy is False:
         return ActionKind.RESTART, "running but unhealthy (drift)"
     return None
+
+
+def _runs_new_build(state: RunningState | None, old: AppEntry | None, new: AppEntry) -> bool:
+    """Whether the new build already runs (healthy or unchecked), e.g. because an
+    interrupted activation got that far: re-running it must not restart the app again."""
+    return (state is not None and state.status is AppStatus.RUNNING
+            and state.healthy is not False and state.output == str(new.output)
+            and (old is None or old.output != new.output))
 
 
 def _app_action(old: AppEntry | None, new: AppEntry, state: RunningState | None,
@@ -184,18 +197,28 @@ def _app_action(old: AppEntry | None, new: AppEntry, state: RunningState | None,
     base = Action(ActionKind.KEEP, new.name, new.version,
                   old.version if old is not None else None, new.isolation,
                   old.isolation if old is not None else None, depends_on=new.depends_on)
+    already = check_running and _runs_new_build(state, old, new)
     if old is None:
+        if already:
+            return replace(base, reasons=("new app, already running",))
         return replace(base, kind=ActionKind.START, reasons=("new app",))
+    env_set, env_unset = _env_diff(old, new)
+    env_note = [f"env: set {', '.join(k.name for k in env_set)}"] if env_set else []
+    env_note += [f"env: unset {', '.join(k.name for k in env_unset)}"] if env_unset else []
+    if already:
+        # Setting env is idempotent, so it is done again; the code is not touched.
+        if env_set or env_unset:
+            return replace(base, kind=ActionKind.RECONFIGURE, env_set=env_set,
+                           env_unset=env_unset,
+                           reasons=("already running the new build", *env_note))
+        return replace(base, reasons=("already running the new build",))
     reasons = _restart_reasons(old, new)
-    drift = _drift(state, new) if check_running else None
+    drift = _drift(state, old) if check_running else None
     if drift is not None and drift[0] is ActionKind.START:
         return replace(base, kind=ActionKind.START, reasons=(drift[1], *reasons))
     if reasons or drift is not None:
         return replace(base, kind=ActionKind.RESTART,
                        reasons=(*reasons, *([drift[1]] if drift else [])))
-    env_set, env_unset = _env_diff(old, new)
-    env_note = [f"env: set {', '.join(k.name for k in env_set)}"] if env_set else []
-    env_note += [f"env: unset {', '.join(k.name for k in env_unset)}"] if env_unset else []
     modules = _changed_modules(old, new)
     if modules:
         return replace(base, kind=ActionKind.RELOAD, modules=modules, env_set=env_set,
@@ -219,9 +242,10 @@ def plan(old: GenerationManifest | None, new: GenerationManifest,
     """The actions that take the apps of ``old`` (or nothing) to those of ``new``.
 
     With ``running`` (an activator's :meth:`current_state`), apps whose observed state
-    disagrees with the generation are healed: started if not running, restarted if
-    unhealthy or running other code, stopped if running without belonging to ``new``.
-    Without it, ``old`` is assumed to be exactly what runs.
+    disagrees with ``old`` are healed: started if not running, restarted if unhealthy or
+    running other code, stopped if running without belonging to ``new``; an app already
+    running its new build (an interrupted activation run again) is kept (its env set
+    again if it changed). Without ``running``, ``old`` is assumed to be exactly what runs.
     """
     old_apps: Mapping[str, AppEntry] = old.apps if old is not None else {}
     check = running is not None
