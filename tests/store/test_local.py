@@ -162,8 +162,10 @@ def test_readd_writes_nothing(store: LocalStore, sample_tree: Path) -> None:
     copy = tmp_path_copy = sample_tree.parent / "again" / "sample"
     shutil.copytree(sample_tree, copy, symlinks=True)
     os.utime(tmp_path_copy / "README", (5, 5))
+    tmp_mtime = store.layout.tmp_dir.stat().st_mtime_ns
     assert store.add_path(copy) == sp
     assert snapshot(store.root) == before
+    assert store.layout.tmp_dir.stat().st_mtime_ns == tmp_mtime  # not even staged
     assert db_rows(store.root) == rows
     assert (wal.stat().st_size if wal.exists() else 0) == wal_size
 

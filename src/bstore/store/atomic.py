@@ -21,12 +21,12 @@ import blake3
 
 from bstore.store.layout import StoreError
 from bstore.store.manifest import (
-    MAX_PATH_BYTES,
     EntryType,
     InvalidTreeError,
     Manifest,
     ManifestEntry,
     symlink_escapes,
+    tree_os_error,
     validate_entry_path,
 )
 
@@ -302,17 +302,7 @@ def copy_tree(src: Path, dst: Path, progress: Progress | None = None) -> Manifes
                     hint="store paths hold only directories, regular files and symlinks",
                 )
         except OSError as exc:
-            if exc.errno == errno.ENAMETOOLONG:
-                raise InvalidTreeError(
-                    f"{shown_root}: entry path {_show(rel)[:120]!r}... is too long"
-                    f" ({len(rel)} bytes, nested {rel.count(b'/') + 1} deep)",
-                    hint=f"store paths hold entry paths of at most {MAX_PATH_BYTES} bytes;"
-                    " flatten the tree",
-                ) from exc
-            raise InvalidTreeError(
-                f"{shown_root}: cannot copy {_show(rel)[:200]!r}: {exc.strerror}",
-                hint="check the tree's permissions",
-            ) from exc
+            raise tree_os_error(exc, shown_root, rel) from exc
     for nlink, seen in links.values():
         if seen < nlink:
             raise InvalidTreeError(

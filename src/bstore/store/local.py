@@ -162,16 +162,25 @@ class LocalStore:
                  progress: atomic.Progress | None = None) -> StorePath:
         """Copy the file or tree ``src`` into the store as a SOURCE path and return it.
 
-        ``name`` defaults to ``src``'s base name. The tree is read once (copied and
-        hashed together). If the content is already valid, the copy is discarded and
-        nothing in ``store/`` or the database changes. Hostile trees (devices, FIFOs,
-        sockets, escaping symlinks, outside hardlinks, over-long paths) raise
+        ``name`` defaults to ``src``'s base name. The tree is hashed first: if that
+        content is already valid, nothing is written at all; else it is copied (and hashed
+        again while copying, so the record matches the bytes written). Hostile trees
+        (devices, FIFOs, sockets, escaping symlinks, outside hardlinks, over-long paths) raise
         :class:`~bstore.store.manifest.InvalidTreeError` naming the entry, leaving nothing.
         """
         src = Path(os.path.abspath(src))
         name = self._check_name(src, name)
+        # Hash first: a hostile tree is refused, and content already in the store is
+        # found, before anything is written (re-adding costs one read, no writes).
+        known = scan_tree(src).mcid.rpartition("-")[2]
+        sp = make_store_path(PathKind.SOURCE, known, str(self.store_dir), name)
+        self.temp_roots.add(sp)
+        if self.db.is_valid(sp):
+            return sp
         with self.staging_dir("add") as stage:
             staged = stage / "tree"
+            # The copy is hashed again as it is written: if the source changed meanwhile,
+            # the copy's own manifest (what the store holds) decides the path.
             manifest = atomic.copy_tree(src, staged, progress)
             return self._register(staged, name, manifest, PathKind.SOURCE, None, (), None, (),
                                   canonical=True)

@@ -19,6 +19,7 @@ Everything here but :func:`scan_tree` and :func:`hash_file` is pure.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -280,7 +281,7 @@ def _entry_for(abs_path: bytes, rel: bytes, st: os.stat_result, shown_root: str)
         target = os.readlink(abs_path)
         if symlink_escapes(rel, target):
             raise InvalidTreeError(
-                f"{shown_root}: symlink {rel.decode('utf-8', 'backslashreplace')!r} -> "
+                f"{shown_root}: symlink {rel.decode('utf-8', 'backslashreplace') or '.'!r} -> "
                 f"{target.decode('utf-8', 'backslashreplace')!r} points outside the tree",
                 hint="store paths may only contain links that stay inside them",
             )
@@ -299,6 +300,20 @@ def _entry_for(abs_path: bytes, rel: bytes, st: os.stat_result, shown_root: str)
         f"{shown_root}: {rel.decode('utf-8', 'backslashreplace') or '.'!r} is {what}",
         hint="store paths hold only directories, regular files and symlinks",
     )
+
+
+def tree_os_error(exc: OSError, shown_root: str, rel: bytes) -> InvalidTreeError:
+    """The error for an ``OSError`` met at entry ``rel`` of the tree ``shown_root``."""
+    shown = rel.decode("utf-8", "backslashreplace") or "."
+    if exc.errno == errno.ENAMETOOLONG:
+        return InvalidTreeError(
+            f"{shown_root}: entry path {shown[:120]!r}... is too long"
+            f" ({len(rel)} bytes, nested {rel.count(b'/') + 1} deep)",
+            hint=f"store paths hold entry paths of at most {MAX_PATH_BYTES} bytes;"
+            " flatten the tree",
+        )
+    return InvalidTreeError(f"{shown_root}: cannot read {shown[:200]!r}: {exc.strerror}",
+                            hint="check the tree's permissions")
 
 
 def scan_tree(root: str | os.PathLike[str], *, outside_links_ok: bool = False) -> Manifest:
@@ -330,12 +345,14 @@ def scan_tree(root: str | os.PathLike[str], *, outside_links_ok: bool = False) -
                 with os.scandir(abs_dir) as it:
                     children = sorted((e.name, e.stat(follow_symlinks=False)) for e in it)
             except OSError as exc:
-                raise InvalidTreeError(f"cannot read directory {os.fsdecode(abs_dir)!r}: {exc}"
-                                       ) from exc
+                raise tree_os_error(exc, shown_root, rel_dir) from exc
             for name, child_st in children:
                 rel = rel_dir + b"/" + name if rel_dir else name
-                entry = _entry_for(abs_dir + b"/" + name, validate_entry_path(rel), child_st,
-                                   shown_root)
+                try:
+                    entry = _entry_for(abs_dir + b"/" + name, validate_entry_path(rel),
+                                       child_st, shown_root)
+                except OSError as exc:
+                    raise tree_os_error(exc, shown_root, rel) from exc
                 entries.append(entry)
                 _note_links(link_counts, child_st)
                 if entry.type is EntryType.DIRECTORY:
