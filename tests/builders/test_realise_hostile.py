@@ -194,3 +194,28 @@ def test_build_killed_midway_registers_nothing(tmp_path: Path, how: str) -> None
     # Only the fetched source became valid; no output was registered.
     assert [p for p in after if p not in before and not p.endswith("-source")] == []
     assert "started-waiting" in log_for(root, "slowapp").read_text()
+
+
+@pytest.mark.parametrize("keep_going", [True, False])
+def test_an_app_that_cannot_be_planned(tmp_path: Path, keep_going: bool) -> None:
+    good = rh.git_repo(sample_apps.erlc_app(tmp_path / "repos"))
+    specs = [rh.spec("meshapp", "1.0.0",
+                     SourceSpec(SourceType.MESH, mcid="mcid1-manifest-blake3-" + "c" * 64)),
+             rh.git_spec("plainapp", "1.0.0", good, "main")]
+    _, report = run(tmp_path / "root", specs, keep_going=keep_going)
+    assert report.apps["meshapp"].state is AppState.FAILED
+    assert "no mesh peers configured" in (report.apps["meshapp"].error or "")
+    expected = AppState.BUILT if keep_going else AppState.NOT_STARTED
+    assert report.apps["plainapp"].state is expected
+
+
+def test_unsupported_git_dependency_fails_the_app(tmp_path: Path) -> None:
+    project = sample_apps.erlc_app(tmp_path / "repos", "gitdep")
+    (project / "rebar.config").write_text(
+        '{deps, [{evil, {git, "https://example.invalid/evil.git", {branch, "main"}}}]}.\n')
+    repo = rh.git_repo(project)
+    _, report = run(tmp_path / "root", [rh.git_spec("gitdep", "1.0.0", repo, "main")])
+    app = report.apps["gitdep"]
+    assert app.state is AppState.FAILED
+    assert "gitdep source/rebar.config: dependency" in (app.error or "")
+    assert "is not a Hex package" in (app.error or "")

@@ -8,8 +8,10 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from hexrepo import HexRepoBuilder, default_chain, new_key
 from localhttp import LocalServer
 
 from bstore.cli.main import cli
+from bstore.store.local import LocalStore
 
 pytestmark = pytest.mark.integration
 
@@ -173,3 +176,33 @@ def test_live_progress_on_a_terminal(setup: dict[str, Path | str]) -> None:
     assert "building plainapp-1.0.0" in screen
     assert "\x1b[" in screen and "[1/1] derivations done" in screen
     assert out.decode().startswith("plainapp /")
+
+
+def test_ctrl_c_kills_running_builds(tmp_path: Path) -> None:
+    project = sample_apps.erlc_app(tmp_path / "repos", "slowapp")
+    (project / "Makefile").write_text(
+        "PROJECT = slowapp\napp:: wait\nwait:\n\techo started-waiting\n\tsleep 120\n"
+        "include erlang.mk\n")
+    (project / "erlang.mk").write_text(sample_apps.ERLANG_MK_SUBSET)
+    rh.git_repo(project)
+    apps = tmp_path / "apps"
+    write_spec(apps, "slowapp", "1.0.0", {"type": "git", "url": project.as_uri(), "ref": "main"})
+    root = tmp_path / "root"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from bstore.cli.main import main; main()",
+         "--root", str(root), "build", str(apps)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        logs = list((root / "logs").glob("*.log")) if (root / "logs").is_dir() else []
+        if logs and "started-waiting" in logs[0].read_text(errors="replace"):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out + err
+    assert b"interrupted: stopping the running builds" in err
+    assert b"slowapp failed: building slowapp-1.0.0" in out
+    with LocalStore.open(root) as store:
+        assert [p.name for p in store.valid_paths()] == ["slowapp-1.0.0-source"]
+    assert os.listdir(root / "tmp") == []

@@ -42,7 +42,7 @@ from typing import Any
 
 from bstore.builders.buildsystems import DepLib, build, detect_build_system
 from bstore.builders.declared_deps import read_declared_deps
-from bstore.builders.derivation import Derivation
+from bstore.builders.derivation import Derivation, canonical_json
 from bstore.builders.hex.registry import package_lookup
 from bstore.builders.hex.resolve import Requested, Resolution, Resolved, resolve
 from bstore.builders.sandbox import BuildError, Isolation, read_log_tail
@@ -363,9 +363,13 @@ class Realiser:
             dep_keys = [self._plan_package(r, resolution, nodes, packages, lookup,
                                            fingerprint, None)
                         for r in resolution.packages]
+        view = _source_view(fetched)
+        if resolution is not None:
+            # Pinned explicitly (the dependency paths imply it, but this is what a user
+            # reads when asking why an app was rebuilt).
+            view["hex_resolution"] = canonical_json(resolution.to_json()).decode("utf-8")
         drv = Derivation(
-            name=spec.name, version=spec.version, builder=builder,
-            source=_source_view(fetched),
+            name=spec.name, version=spec.version, builder=builder, source=view,
             dependencies=tuple(sorted({str(nodes[k].out) for k in dep_keys})),
             build_env=dict(BUILD_ENV), toolchain=fingerprint,
         )
@@ -437,6 +441,8 @@ class Realiser:
 
     def _realise_node(self, plan: BuildPlan, key: str) -> AppState:
         node = plan.nodes[key]
+        if self.cancel is not None and self.cancel.is_set():
+            raise RealiseError(f"{node.label} not built: the build was cancelled")
         with self.lock:
             if self.store.is_valid(node.out):
                 self.store.add_temp_root(node.out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 import time
@@ -141,9 +142,27 @@ def build_cmd(app: AppContext, paths: tuple[Path, ...], jobs: int, keep_going: b
     with LocalStore.open(app.root) as store, httpx.Client(trust_env=False) as client:
         fetcher = Fetcher(store, client, hex_repos=repos,
                           log=app.log if app.verbose else lambda _m: None)
-        realiser = Realiser(fetcher, timeout=timeout, progress=progress.hooks(),
+        cancel = threading.Event()
+        realiser = Realiser(fetcher, timeout=timeout, progress=progress.hooks(), cancel=cancel,
                             log=app.log if app.verbose else lambda _m: None)
-        report = realiser.build(list(specs.specs.values()), jobs=jobs, keep_going=keep_going)
+        # Ctrl-C kills the running builds (their failures are reported, nothing half
+        # built is registered); a second Ctrl-C interrupts bstore itself.
+        previous = signal.getsignal(signal.SIGINT)
+
+        def interrupted(_signum: int, _frame: object) -> None:
+            app.log("interrupted: stopping the running builds")
+            cancel.set()
+            signal.signal(signal.SIGINT, previous)
+
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main:
+            signal.signal(signal.SIGINT, interrupted)
+        try:
+            report = realiser.build(list(specs.specs.values()), jobs=jobs,
+                                    keep_going=keep_going)
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
     failed_specs = sorted(specs.failed)
     if as_json:
         data = report.to_json()
