@@ -280,6 +280,7 @@ class Realiser:
         self.drv_dir = self.root / "derivations"
         #: Output base names built (compiled or copied) by this realiser, in order.
         self.builds: list[str] = []
+        self._skipped: set[str] = set()
 
     # -- planning ------------------------------------------------------------------------
 
@@ -397,7 +398,8 @@ class Realiser:
         labels = {k: plan.nodes[k].label for k in graph}
         hooks: SchedulerHooks[str] = SchedulerHooks(
             on_start=lambda k: self.progress.on_start(labels[k]),
-            on_finish=lambda k, s: self.progress.on_finish(labels[k], s.value),
+            on_finish=lambda k, s: self.progress.on_finish(
+                labels[k], "already valid" if k in self._skipped else s.value),
         )
         outcomes = run_graph(graph, lambda k: self._realise_node(plan, k), jobs=jobs,
                              keep_going=keep_going, hooks=hooks)
@@ -447,6 +449,7 @@ class Realiser:
             if self.store.is_valid(node.out):
                 self.store.add_temp_root(node.out)
                 self._link_logs(node)
+                self._skipped.add(key)
                 return AppState.SKIPPED
             # Inputs first: GC must not take them while we build against them.
             self.store.add_temp_root(node.source)

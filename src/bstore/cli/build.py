@@ -72,8 +72,8 @@ class LiveProgress:
                 if self.drawn:
                     sys.stderr.write(f"\x1b[{self.drawn}F\x1b[J")
                     self.drawn = 0
-                if state != "done":
-                    self._line(f"{label}: {state}{took}")
+                if state != "already valid":  # no-op runs stay one redrawn line
+                    self._line(f"{label}: {'built' if state == 'done' else state}{took}")
                 self._redraw()
             else:
                 self._line(f"[{self.done}/{self.total}] {label}: {state}{took}")
