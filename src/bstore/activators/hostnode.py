@@ -27,7 +27,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -257,12 +257,15 @@ class HostNode:
         node_name: str | None = None,
         extra_args: Sequence[str] = (),
         timeout: float = 30.0,
+        env: Mapping[str, str] | None = None,
     ) -> HostNodeStatus:
         """Start the node with the agent and ``code_paths`` on ``-pa``; wait for ``ping``.
 
         ``node_name`` (``name`` or ``name@host``) turns on distribution on loopback; the
-        control channel needs none. Raises :class:`HostNodeError` if the node already
-        runs or does not answer within ``timeout`` (it is then killed, log quoted).
+        control channel needs none. ``env`` replaces the node's environment (default:
+        bstore's own), e.g. a private ``HOME`` holding the cookie. Raises
+        :class:`HostNodeError` if the node already runs or does not answer within
+        ``timeout`` (it is then killed, log quoted).
         """
         if node_name is not None and not _NODE_NAME_RE.match(node_name):
             raise HostNodeError(f"node name {node_name!r} is not valid for profile {self.profile}")
@@ -295,7 +298,7 @@ class HostNode:
                 argv += [flag, node_name, "-kernel", "inet_dist_use_interface", "{127,0,0,1}"]
             argv += [*extra_args, "-bstore_agent_socket", socket_path]
             argv += ["-eval", "bstore_agent:start()"]
-            proc = self._spawn(argv)
+            proc = self._spawn(argv, env)
             start_time = process_start_time(proc.pid)
             if start_time is None:
                 raise HostNodeError(
@@ -309,7 +312,9 @@ class HostNode:
             self._wait_for_agent(proc, record, timeout)
         return self.status()
 
-    def _spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, argv: list[str], env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         try:
             log_fd = os.open(
                 self.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
@@ -326,6 +331,7 @@ class HostNode:
                 stdout=log_fd,
                 stderr=subprocess.STDOUT,
                 cwd=self.paths.directory,
+                env=None if env is None else dict(env),
                 start_new_session=True,
                 close_fds=True,
             )

@@ -192,7 +192,8 @@ ops() ->
      {app_unload, [1]}, {which_applications, [0]}, {loaded_applications, [0]},
      {get_env, [1, 2]}, {set_env, [3]}, {unset_env, [2]}, {config_change, [2]},
      {reconfigure, [3]}, {suspend, [1, 2]}, {resume, [1]}, {change_code, [4]},
-     {reload, [3]}, {process_info, [1]}, {stop_node, [0]}].
+     {reload, [3]}, {process_info, [1]}, {stop_node, [0]}, {health_check, [3]},
+     {nodes, [0]}].
 
 op(ping, []) ->
     {ok, pong};
@@ -304,6 +305,12 @@ op(process_info, [Pid]) when is_pid(Pid) ->
         Info ->
             {ok, maps:from_list([{K, V} || {K, V} <- Info, V =/= []])}
     end;
+op(health_check, [App, Mod, TimeoutMs])
+  when is_atom(App), is_atom(Mod), is_integer(TimeoutMs), TimeoutMs > 0 ->
+    health_check(App, Mod, TimeoutMs);
+op(nodes, []) ->
+    %% Read-only: the distribution peers this node is connected to (cluster tracking).
+    {ok, nodes()};
 op(stop_node, []) ->
     %% init:stop/0 only signals init; the reply goes out before the shutdown starts.
     ok = init:stop(),
@@ -602,5 +609,32 @@ restore(Mod, OldBins) ->
                         {module, Mod} -> ok;
                         {error, Reason} -> {load_failed, Reason}
                     end
+            end
+    end.
+
+%% ---------------------------------------------------------------- health
+
+%% Run Mod:check() for a custom health check. Deliberately narrow: Mod must be one of
+%% the modules of App, and App must be running, so this op cannot call arbitrary code.
+%% The check runs in its own (unlinked) process; one that does not answer within
+%% TimeoutMs is ended, since it is our own helper and not an application process.
+health_check(App, Mod, TimeoutMs) ->
+    Running = lists:keymember(App, 1, application:which_applications()),
+    Owns = case application:get_key(App, modules) of
+               {ok, Mods} -> lists:member(Mod, Mods);
+               undefined -> false
+           end,
+    if
+        not Running -> {error, {not_running, App}};
+        not Owns -> {error, {not_a_module_of, App, Mod}};
+        true ->
+            {Pid, Ref} = spawn_monitor(fun() -> exit({check_result, Mod:check()}) end),
+            receive
+                {'DOWN', Ref, process, Pid, {check_result, Result}} -> {ok, Result};
+                {'DOWN', Ref, process, Pid, Reason} -> {ok, {crashed, Reason}}
+            after TimeoutMs ->
+                exit(Pid, kill),
+                receive {'DOWN', Ref, process, Pid, _} -> ok end,
+                {ok, timeout}
             end
     end.
