@@ -19,6 +19,7 @@ from bstore.builders.download import DownloadPolicy
 from bstore.builders.realise import AppState, BuildReport, Realiser, log_for
 from bstore.builders.sources import Fetcher
 from bstore.specs.model import AppSpec, SourceSpec, SourceType
+from bstore.store.gc import collect_garbage
 from bstore.store.local import LocalStore
 
 pytestmark = pytest.mark.integration
@@ -219,3 +220,36 @@ def test_unsupported_git_dependency_fails_the_app(tmp_path: Path) -> None:
     assert app.state is AppState.FAILED
     assert "gitdep source/rebar.config: dependency" in (app.error or "")
     assert "is not a Hex package" in (app.error or "")
+
+
+def test_gc_during_a_build_keeps_its_inputs(tmp_path: Path) -> None:
+    repo = slow_app(tmp_path / "repos")
+    root = tmp_path / "root"
+    cancel = threading.Event()
+    with httpx.Client(trust_env=False) as client:
+        r = realiser(root, client, cancel=cancel)
+        with r.store:
+            plan = r.plan([rh.git_spec("slowapp", "1.0.0", repo, "main")])
+            key = plan.apps["slowapp"].key
+            assert key is not None
+            source = plan.nodes[key].source
+            reports = []
+            worker = threading.Thread(target=lambda: reports.append(r.realise(plan)))
+            worker.start()
+            deadline = time.monotonic() + 120
+            log = root / "logs" / f"{key}.log"
+            while time.monotonic() < deadline and not (
+                    log.exists() and "started-waiting" in log.read_text(errors="replace")):
+                time.sleep(0.05)
+            # Another store handle (as `bstore store gc` would be) collects garbage now:
+            # the source is no GC root, only this build's temporary root keeps it.
+            with LocalStore.open(root) as other:
+                result = collect_garbage(other)
+                assert source not in result.deleted
+                assert other.is_valid(source)
+            cancel.set()
+            worker.join(60)
+    assert reports and reports[0].apps["slowapp"].state is AppState.FAILED
+    # Once the realiser is closed, nothing holds the source any more.
+    with LocalStore.open(root) as store:
+        assert source in collect_garbage(store).deleted
