@@ -189,21 +189,32 @@ class LocalStore:
                   progress: atomic.Progress | None = None) -> list[StorePath]:
         """:meth:`add_path` for many ``(src, name)`` pairs with one sync and one database
         transaction (much faster for many small paths); all or nothing."""
+        scanned = []
+        for src, name in sources:
+            src = Path(os.path.abspath(src))
+            name = self._check_name(src, name)
+            known = scan_tree(src).mcid.rpartition("-")[2]
+            scanned.append((src, name, make_store_path(PathKind.SOURCE, known,
+                                                       str(self.store_dir), name)))
+        self.temp_roots.add_many(sp for _src, _name, sp in scanned)
+        result = [sp for _src, _name, sp in scanned]
         items = []
         with self.staging_dir("add-many") as stage:
-            for i, (src, name) in enumerate(sources):
-                src = Path(os.path.abspath(src))
-                name = self._check_name(src, name)
+            for i, (src, name, sp) in enumerate(scanned):
+                if self.db.is_valid(sp):
+                    continue
                 staged = stage / str(i)
                 manifest = atomic.copy_tree(src, staged, None)
                 hex_digest = manifest.mcid.rpartition("-")[2]
-                sp = make_store_path(PathKind.SOURCE, hex_digest, str(self.store_dir), name)
-                items.append(_Pending(staged, sp, hex_digest, manifest, PathKind.SOURCE, (),
-                                      None, (), True))
+                # The copy's own content decides (see add_path).
+                result[i] = make_store_path(PathKind.SOURCE, hex_digest, str(self.store_dir),
+                                            name)
+                items.append(_Pending(staged, result[i], hex_digest, manifest,
+                                      PathKind.SOURCE, (), None, (), True))
                 if progress is not None:
                     progress(i + 1, 0)
             self._commit(items)
-        return [it.sp for it in items]
+        return result
 
     def _check_name(self, src: Path, name: str | None) -> str:
         if name is None:
