@@ -199,7 +199,9 @@ def build_two(world: World, tmp_path: Path, specs: list[AppSpec]) -> list[BuildR
     reports = []
     with httpx.Client(trust_env=False) as client:
         for n in range(2):
-            store, realiser = world.realiser(tmp_path / f"root{n}", client)
+            # The real toolchain in the real sandbox (not the counting shims).
+            store = LocalStore.open(tmp_path / f"root{n}")
+            realiser = Realiser(Fetcher(store, client, hex_repos=world.hex.repos), timeout=300)
             with store:
                 report = realiser.build(specs)
                 assert report.ok, report.to_json()
