@@ -22,7 +22,7 @@ NOBODY = 65534
 
 
 def _scenario(base: Path) -> None:
-    src = write_tree(base / "src", {**SAMPLE, "copy": {**SAMPLE}})  # type: ignore[dict-item]
+    src = write_tree(base / "src", {**SAMPLE, "copy": {**SAMPLE}})
     with LocalStore.open(base / "root") as st:
         sp = st.add_path(src)
         other = st.add_path(write_tree(base / "other", {"x": {"y": "z"}}))
