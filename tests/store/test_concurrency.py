@@ -162,3 +162,16 @@ def test_gc_removes_stale_temp_roots_of_killed_process(tmp_path: Path) -> None:
     assert '"stale_temp_roots": 1' in gc.stdout
     assert os.listdir(root / "locks" / "temproots") == []
     assert os.listdir(root / "store") == []
+
+
+def test_concurrent_first_use_creates_one_database(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    trees = [write_tree(tmp_path / f"t{i}", {"f": str(i)}) for i in range(4)]
+    procs = [popen_bstore(root, "store", "add", str(t)) for t in trees]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    with LocalStore.open(root) as st:
+        # every add landed in the one database that survived
+        assert sorted(st.full_path(p) for p in st.valid_paths()) == \
+            sorted(o.strip() for o, _ in outs)
+        check_consistent(st)

@@ -12,6 +12,7 @@ becomes :class:`StoreLockedError`, anything else a :class:`StoreError` naming th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -130,7 +131,8 @@ class Database:
 
     @classmethod
     def create(cls, path: Path, store_dir: str, timeout: float) -> Database:
-        """Create a fresh database atomically (built aside, then renamed into place)."""
+        """Create a fresh database atomically (built aside, then linked into place); if
+        another process won the race, open its database instead."""
         tmp = path.with_name(f".{path.name}.new-{os.getpid()}")
         for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}-journal")):
             leftover.unlink(missing_ok=True)
@@ -146,7 +148,11 @@ class Database:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, path)
+            # link, not rename: when two processes create the store at once, the
+            # second must open the first one's database, not replace it under it.
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+            os.unlink(tmp)
             dfd = os.open(path.parent, os.O_RDONLY)
             try:
                 os.fsync(dfd)

@@ -134,12 +134,12 @@ def create_dirs(layout: StoreLayout) -> None:
     """Create the root and its sub-directories with their modes (umask-independent)."""
     try:
         if not layout.root.exists():
-            layout.root.mkdir(parents=True, mode=0o755)
+            layout.root.mkdir(parents=True, mode=0o755, exist_ok=True)
             os.chmod(layout.root, 0o755)
         for name, mode in SUBDIRS.items():
             path = layout.root / name
             if not path.exists():
-                path.mkdir(mode=mode)
+                path.mkdir(mode=mode, exist_ok=True)
                 os.chmod(path, mode)
         for path in (layout.temproots_dir, layout.path_locks_dir):
             path.mkdir(exist_ok=True)
