@@ -99,7 +99,8 @@ class LocalStore:
         check_root(root)
         layout = StoreLayout(root)
         if not layout.db_path.exists():
-            if not store_is_empty(layout):
+            # (db checked again: another process may be creating the store right now)
+            if not store_is_empty(layout) and not layout.db_path.exists():
                 raise StoreError(
                     f"{str(layout.store_dir)!r} holds store paths but the database"
                     f" {str(layout.db_path)!r} is missing",
@@ -111,7 +112,10 @@ class LocalStore:
                                  hint="create one with bstore store add, or check --root")
             create_dirs(layout)
             check_root(root)
-            db = Database.create(layout.db_path, str(layout.store_dir), timeout)
+            if layout.db_path.exists():
+                db = Database.open(layout.db_path, str(layout.store_dir), timeout)
+            else:
+                db = Database.create(layout.db_path, str(layout.store_dir), timeout)
         else:
             db = Database.open(layout.db_path, str(layout.store_dir), timeout)
             try:
