@@ -99,7 +99,7 @@ def add_cmd(app: AppContext, path: Path, name: str | None) -> None:
 @click.argument("path", type=click.Path(path_type=Path, exists=False))
 @pass_app
 def hash_cmd(app: AppContext, path: Path) -> None:
-    """Print the content id (MCID) of a file or tree without adding it."""
+    """Print the content id (MCID) of a file or tree; adds nothing."""
     mcid = compute_mcid(path)
     app.emit({"path": str(path), "mcid": mcid}, mcid)
 
@@ -108,7 +108,7 @@ def hash_cmd(app: AppContext, path: Path) -> None:
 @click.argument("paths", nargs=-1, required=True)
 @pass_app
 def info_cmd(app: AppContext, paths: tuple[str, ...]) -> None:
-    """Show MCID, size, references, deriver, registration time and signatures."""
+    """Show paths' MCID, size, references, deriver, signatures."""
     with _open(app) as st:
         infos = [st.query_info(st.parse_path(p)) for p in paths]
         lines = []
@@ -155,7 +155,11 @@ def referrers_cmd(app: AppContext, path: str) -> None:
               help="Stop after freeing this much (e.g. 500M, 2G).")
 @pass_app
 def gc_cmd(app: AppContext, dry_run: bool, max_freed: str | None) -> None:
-    """Delete store paths no root (profile, gcroots/ link, running process) reaches."""
+    """Delete store paths nothing roots; print them and the bytes freed.
+
+    Roots: symlinks under profiles/ and gcroots/ (also indirect ones, through a link
+    elsewhere), and paths running bstore processes are using.
+    """
     from bstore.store.gc import collect_garbage
 
     limit = None if max_freed is None else parse_size(max_freed)
@@ -182,7 +186,7 @@ def gc_cmd(app: AppContext, dry_run: bool, max_freed: str | None) -> None:
 @store.command("optimise")
 @pass_app
 def optimise_cmd(app: AppContext) -> None:
-    """Make identical files in different store paths share one inode."""
+    """Make identical files across store paths share one inode."""
     from bstore.store.optimise import optimise_store
 
     with _open(app) as st:
