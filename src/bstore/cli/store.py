@@ -155,7 +155,7 @@ def referrers_cmd(app: AppContext, path: str) -> None:
               help="Stop after freeing this much (e.g. 500M, 2G).")
 @pass_app
 def gc_cmd(app: AppContext, dry_run: bool, max_freed: str | None) -> None:
-    """Delete store paths nothing roots; print them and the bytes freed.
+    """Delete unrooted store paths; print them and the bytes freed.
 
     Roots: symlinks under profiles/ and gcroots/ (also indirect ones, through a link
     elsewhere), and paths running bstore processes are using.
