@@ -31,7 +31,6 @@ from bstore.errors import BstoreError
 from bstore.store import atomic
 from bstore.store.cache.format import check_key
 
-_CHUNK = 1 << 16
 
 
 class CacheError(BstoreError):
@@ -266,7 +265,7 @@ class HttpCache(CacheBackend):
                 if declared is not None and declared.isdigit() and int(declared) > max_bytes:
                     raise _too_large(where, max_bytes)
                 started = self._clock()
-                for chunk in resp.iter_raw(_CHUNK):
+                for chunk in resp.iter_raw():
                     got += len(chunk)
                     if got > max_bytes:
                         raise _too_large(where, max_bytes)

@@ -310,7 +310,7 @@ class Substituters:
             except CacheMissing:
                 self._negative[neg] = self._clock() + self.policy.negative_ttl
             except BstoreError as exc:
-                self._error(f"{cache.url}: {exc.message}")
+                self._error(f"{cache.url}: refusing {store.full_path(sp)}: {exc.message}")
         return found
 
     def substitute(self, store: LocalStore, sp: StorePath) -> bool:
