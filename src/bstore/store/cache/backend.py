@@ -32,7 +32,6 @@ from bstore.store import atomic
 from bstore.store.cache.format import check_key
 
 
-
 class CacheError(BstoreError):
     """A binary cache that cannot give or take an object."""
 
