@@ -1,0 +1,356 @@
+"""The ``embedded`` activator: a profile's apps in one long-lived host BEAM node.
+
+The host node (:class:`~bstore.activators.hostnode.HostNode`, one per profile under
+``<root>/nodes/<profile>/``) is controlled through its agent. :meth:`boot` starts it from
+the profile's current generation (code path = the generation's lib dirs, apps started in
+dependency order), which is also what brings it back after a crash or a reboot
+(:meth:`EmbeddedActivator.supervise_once`). :meth:`apply` carries out a plan's actions
+(:mod:`bstore.activators.nodeops`): apps with ``isolation => vm`` are handed to a
+:class:`~bstore.activators.vm.VmActivator` sharing the same state root, cookie and
+cluster, so this one activator runs a whole generation.
+
+``apps.json`` next to the node's record lists the apps bstore started in it (so OTP and
+library applications are never mistaken for strays). Options (``ActivatorContext``):
+
+=================  ===============================================================
+``distribution``   ``on`` (default): the host node is ``bstore_<profile>@127.0.0.1``,
+                   distribution on loopback, so guest VMs can join; ``off``: none
+``node_name``      the host node's name instead of the default
+``cookie``         the distribution cookie (else see :mod:`bstore.activators.cookie`)
+``health_timeout`` seconds to wait for an app to become healthy after an action
+                   (default: its health spec's timeout, 5 s without one)
+=================  ===============================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+
+from bstore.activators.agent_build import AGENT_SOURCE, compile_agent
+from bstore.activators.agent_client import AgentClient, AgentError
+from bstore.activators.base import (
+    Activator,
+    ActivatorContext,
+    ActivatorError,
+    ApplyResult,
+    HealthResult,
+)
+from bstore.activators.health import probe
+from bstore.activators.hostnode import HostNode, HostNodeStatus
+from bstore.activators.nodeops import (
+    ManagedApp,
+    app_ebin,
+    closure_ebins,
+    describe_error,
+    generation_ebins,
+    load_new_code,
+    read_managed,
+    reconfigure_app,
+    reload_or_restart,
+    run_actions,
+    start_app,
+    stop_app,
+    write_managed,
+)
+from bstore.activators.plan import Action, AppStatus, RunningState, plan
+from bstore.activators.vm import VmActivator, host_node_name, node_environment
+from bstore.errors import BstoreError
+from bstore.generations.manifest import AppEntry, GenerationManifest, dependency_order
+from bstore.specs.model import Isolation
+
+#: Seconds to wait for an app without a health spec to be running after an action.
+DEFAULT_HEALTH_WAIT = 5.0
+#: A healthy probe is confirmed this many seconds later (catches fast crash loops).
+DEFAULT_SETTLE = 0.3
+
+
+def ensure_agent(root: Path) -> Path:
+    """The agent's ``ebin`` under ``<root>/nodes/.agent/<source hash>/`` (compiled on first
+    use; a changed agent source gets a new directory, so running nodes keep theirs)."""
+    digest = blake3.blake3(AGENT_SOURCE.read_bytes()).hexdigest()[:16]
+    out = root / "nodes" / ".agent" / digest
+    ebin = out / "ebin"
+    if not (ebin / "bstore_agent.beam").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        compile_agent(out)
+    return ebin
+
+
+def load_current_generation(root: Path, profile: str) -> GenerationManifest | None:
+    """The manifest of ``profile``'s current generation, None when it has none."""
+    from bstore.generations.generation import load_generation
+    from bstore.generations.profiles import Profile
+    from bstore.store.local import LocalStore
+
+    if not (root / "db.sqlite").exists():
+        return None
+    with LocalStore.open(root, create=False) as store:
+        current = Profile(store, profile).current()
+        return None if current is None else load_generation(store, current.store_path)
+
+
+@dataclass(frozen=True)
+class BootResult:
+    """What :meth:`EmbeddedActivator.boot` did: the node's status, the apps started, and
+    the apps that failed to start (name → why)."""
+
+    status: HostNodeStatus
+    started: tuple[str, ...] = ()
+    failed: Mapping[str, str] = field(default_factory=dict)
+
+
+class EmbeddedActivator(Activator):
+    """Runs a generation: embedded apps in the profile's host node, vm apps in their own
+    VMs (see the module docstring)."""
+
+    name = "embedded"
+
+    def __init__(self, context: ActivatorContext, *, agent_ebin: Path | None = None,
+                 vms: VmActivator | None = None) -> None:
+        super().__init__(context)
+        self.store_dir = context.root / "store"
+        self.node = HostNode(context.root, context.profile)
+        self._agent_ebin = agent_ebin
+        self.distributed = context.options.get("distribution", "on") != "off"
+        self.node_name = host_node_name(context.profile, context.options) \
+            if self.distributed else None
+        self.vms = vms if vms is not None else VmActivator(
+            context, agent_ebin=agent_ebin, host_node=self.node_name)
+        self._old: GenerationManifest | None = None
+        self._new: GenerationManifest | None = None
+        self._client: AgentClient | None = None
+        self._records = self.node.paths.directory / "apps.json"
+
+    # ------------------------------------------------------------ the node
+
+    @property
+    def agent_ebin(self) -> Path:
+        """The compiled agent (compiled on first use)."""
+        if self._agent_ebin is None:
+            self._agent_ebin = ensure_agent(self.context.root)
+        return self._agent_ebin
+
+    def _start_node(self, code_paths: Sequence[Path]) -> HostNodeStatus:
+        env = node_environment(self.context, self.node.paths.directory / "home")
+        return self.node.start(self.agent_ebin, code_paths, node_name=self.node_name, env=env)
+
+    def boot(self, manifest: GenerationManifest | None = None) -> BootResult:
+        """Start the host node from ``manifest`` (default: the profile's current generation)
+        unless it runs: code path = its lib dirs, embedded apps started in dependency
+        order, vm apps started in their VMs. Returns what started and what failed."""
+        status = self.node.status()
+        if status.running:
+            return BootResult(status)
+        if manifest is None:
+            manifest = load_current_generation(self.context.root, self.context.profile)
+        paths = [] if manifest is None else generation_ebins(self.store_dir, manifest,
+                                                             Isolation.EMBEDDED)
+        status = self._start_node(paths)
+        started: list[str] = []
+        failed: dict[str, str] = {}
+        records: dict[str, ManagedApp] = {}
+        if manifest is not None:
+            with self.node.client() as client:
+                for name in dependency_order(manifest):
+                    entry = manifest.apps[name]
+                    if any(d in failed for d in entry.depends_on):
+                        failed[name] = "a dependency failed to start"
+                        continue
+                    try:
+                        if entry.isolation is Isolation.VM:
+                            self.vms.do_start(entry, manifest)
+                        else:
+                            start_app(client, [], entry)
+                            records[name] = _managed(entry)
+                        started.append(name)
+                    except (BstoreError, OSError) as exc:
+                        failed[name] = describe_error(exc)
+        write_managed(self._records, records)
+        return BootResult(status, tuple(started), failed)
+
+    def shutdown(self) -> str:
+        """Stop every VM of the profile, then the host node (how it ended)."""
+        self.vms.stop_all()
+        return self.node.stop()
+
+    def supervise_once(self) -> list[str]:
+        """Bring a host node that died back in the active generation, and restart dead VMs
+        (with backoff, see :class:`~bstore.activators.vm.Supervisor`). Returns what it did."""
+        done: list[str] = []
+        record = self.node.read_record()
+        if record is not None and not self.node.status().running:
+            result = self.boot()
+            done.append(f"host node restarted ({len(result.started)} app(s) started"
+                        + (f", failed: {dict(result.failed)}" if result.failed else "") + ")")
+        done.extend(self.vms.supervisor().poll())
+        return done
+
+    @contextlib.contextmanager
+    def _connected(self) -> Iterator[AgentClient]:
+        if not self.node.status().running:
+            self._start_node([])
+        with self.node.client() as client:
+            self._client = client
+            try:
+                yield client
+            finally:
+                self._client = None
+
+    def _host(self) -> AgentClient:
+        if self._client is None:
+            raise ActivatorError("the host node is not connected (apply() connects it)")
+        return self._client
+
+    # ------------------------------------------------------------ Activator
+
+    def plan(self, old: GenerationManifest | None, new: GenerationManifest) -> list[Action]:
+        """The actions from ``old`` to ``new`` against what runs now; remembers both for
+        :meth:`apply`."""
+        self._old, self._new = old, new
+        return plan(old, new, self.current_state())
+
+    def apply(self, actions: Sequence[Action]) -> ApplyResult:
+        """Carry out ``actions`` (from :meth:`plan`) and check each changed app's health."""
+        if self._new is None:
+            raise ActivatorError("apply() without plan(): the activator needs the target"
+                                 " generation", hint="call plan(old, new) first")
+        needs_host = any(a.isolation is Isolation.EMBEDDED
+                         or a.old_isolation is Isolation.EMBEDDED for a in actions)
+        if not needs_host:
+            return run_actions(self, actions, self._new, self._deadline, self.context.echo,
+                               settle=self._settle)
+        with self._connected():
+            return run_actions(self, actions, self._new, self._deadline, self.context.echo,
+                               settle=self._settle)
+
+    def current_state(self) -> Mapping[str, RunningState]:
+        """Every app bstore started here (host node and VMs), with what is observed."""
+        records = read_managed(self._records)
+        states: dict[str, RunningState] = {}
+        running: dict[str, str] | None = None
+        if records and self.node.status().running:
+            try:
+                with self.node.client(10.0) as client:
+                    running = {a.name: a.version for a in client.which_applications()}
+            except AgentError:
+                running = None
+        for name, rec in records.items():
+            if running is None:
+                states[name] = RunningState(name, AppStatus.STOPPED, rec.version,
+                                            output=rec.output, reason="host node not running")
+            elif name in running:
+                states[name] = RunningState(name, AppStatus.RUNNING, running[name],
+                                            output=rec.output)
+            else:
+                states[name] = RunningState(name, AppStatus.STOPPED, rec.version,
+                                            output=rec.output,
+                                            reason="not running in the host node")
+        states.update(self.vms.current_state())
+        return states
+
+    def health(self, app: str) -> HealthResult:
+        """Check ``app`` now, as its health spec says (running, without one)."""
+        manifest = self._new or load_current_generation(self.context.root,
+                                                        self.context.profile)
+        entry = manifest.apps.get(app) if manifest is not None else None
+        if entry is None:
+            return HealthResult(app, False, "not in the current generation")
+        if entry.isolation is Isolation.VM:
+            return self.vms.health_of(entry)
+        if not self.node.status().running:
+            return HealthResult(app, False, "host node not running")
+        with self.node.client(10.0) as client:
+            return probe(app, entry.health, client)
+
+    # ------------------------------------------------------------ nodeops.Target
+
+    @property
+    def _settle(self) -> float:
+        return float(self.context.options.get("health_settle", DEFAULT_SETTLE))
+
+    def _deadline(self, entry: AppEntry) -> float:
+        option = self.context.options.get("health_timeout")
+        if option is not None:
+            return float(option)
+        return DEFAULT_HEALTH_WAIT if entry.health is None else entry.health.timeout / 1000
+
+    def probe(self, entry: AppEntry) -> HealthResult:
+        """One health check of ``entry`` (in its node)."""
+        if entry.isolation is Isolation.VM:
+            return self.vms.probe(entry)
+        return probe(entry.name, entry.health, self._host())
+
+    def _record(self, entry: AppEntry | None, name: str) -> None:
+        records = read_managed(self._records)
+        if entry is None:
+            records.pop(name, None)
+        else:
+            records[name] = _managed(entry)
+        write_managed(self._records, records)
+
+    def _old_ebin(self, app: str) -> Path | None:
+        rec = read_managed(self._records).get(app)
+        if rec is None:
+            return None
+        return self.store_dir / rec.output / "lib" / f"{app}-{rec.version}" / "ebin"
+
+    def do_start(self, entry: AppEntry) -> str:
+        """Start ``entry`` in the host node (or its VM)."""
+        if entry.isolation is Isolation.VM:
+            return self.vms.do_start(entry, self._new)
+        start_app(self._host(), closure_ebins(self.store_dir, self._new, entry), entry)
+        self._record(entry, entry.name)
+        return "started"
+
+    def do_stop(self, action: Action) -> str:
+        """Stop the app on the side it ran on."""
+        if (action.old_isolation or action.isolation) is Isolation.VM:
+            return self.vms.do_stop(action)
+        stop_app(self._host(), action.app, self._old_ebin(action.app))
+        self._record(None, action.app)
+        return "stopped"
+
+    def do_restart(self, action: Action, entry: AppEntry) -> str:
+        """Stop the old side, start the new one (loading the new modules over the old)."""
+        old_vm = (action.old_isolation or action.isolation) is Isolation.VM
+        if old_vm:
+            self.vms.do_stop(action)
+        else:
+            stop_app(self._host(), action.app, self._old_ebin(action.app))
+            self._record(None, action.app)
+        if entry.isolation is Isolation.VM:
+            return "restarted: " + self.vms.do_start(entry, self._new)
+        client = self._host()
+        ebins = closure_ebins(self.store_dir, self._new, entry)
+        for d in reversed(ebins):
+            client.add_patha(d)
+        load_new_code(client, app_ebin(self.store_dir, entry), entry)
+        start_app(client, [], entry)
+        self._record(entry, entry.name)
+        return "restarted"
+
+    def do_reload(self, action: Action, entry: AppEntry) -> str:
+        """Reload the changed modules in place (restart if that fails)."""
+        if entry.isolation is Isolation.VM:
+            return self.vms.do_reload(action, entry)
+        detail = reload_or_restart(self._host(), self.store_dir, action, entry,
+                                   self._old_ebin(action.app),
+                                   lambda: self.do_restart(action, entry))
+        self._record(entry, entry.name)
+        return detail
+
+    def do_reconfigure(self, action: Action, entry: AppEntry) -> str:
+        """Change the app's env in place and run its ``config_change/3``."""
+        if entry.isolation is Isolation.VM:
+            return self.vms.do_reconfigure(action, entry)
+        reconfigure_app(self._host(), action)
+        return "reconfigured"
+
+
+def _managed(entry: AppEntry) -> ManagedApp:
+    return ManagedApp(entry.name, entry.version, str(entry.output), entry.isolation)

@@ -1,0 +1,675 @@
+"""The ``vm`` activator: one BEAM VM per ``isolation => vm`` app, supervised.
+
+Each VM lives under ``<root>/nodes/<profile>/vms/<app>/``::
+
+    agent.sock  node.json  node.log  lock     as for the host node (hostnode.py)
+    home/.erlang.cookie                       the cookie (0400) in the VM's private HOME
+    app.json                                  a one-app manifest: what to (re)start
+    vm.json                                   supervision state (crashes, failed, cluster)
+    erl_crash.dump                            written by the VM when it dies on its own
+
+The VM is ``erl`` with node name ``<prefix><app>@127.0.0.1`` (prefix: ``vm_config``'s
+``node_prefix``, default ``bstore_<profile>_``), distribution on loopback only
+(``inet_dist_use_interface``, epmd via ``ERL_EPMD_ADDRESS=127.0.0.1``), ``+S`` from
+``scheduler_limit``, and a memory limit from ``memory_limit``: cgroup v2 ``memory.max``
+where usable (:mod:`.cgroups`), else the allocators' fixed super carrier
+(``+MMscs <MB> +MMsco true +Musac false``: every allocation must fit in it, so the VM
+dies with "Cannot allocate" instead of growing). ``extra_args`` are separate argv items.
+The cookie is never on a command line (:mod:`.cookie`). When the profile's host node is
+distributed, the VM connects to it at boot (``sync_nodes_optional``) and so joins its
+cluster; :meth:`VmActivator.current_state` reports whether it is connected.
+
+A VM that dies is restarted by :class:`Supervisor` with exponential backoff; after more
+than ``burst`` crashes within ``window`` seconds the app is ``failed`` with the reason of
+the last death: ``oom`` when the cgroup's OOM counter or the VM itself says so, else the
+exit status or the crash dump's slogan. Supervision runs in whichever bstore process is
+long-lived (:meth:`Supervisor.run` in a thread); a one-shot command calls
+:meth:`Supervisor.poll` and so restarts VMs found dead on its next run. Stopping is
+graceful through the agent, then SIGTERM, then SIGKILL of the VM's process group, never
+signalling a recycled pid (:class:`~bstore.activators.hostnode.HostNode` does it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bstore.activators.agent_client import AgentClient, AgentError
+from bstore.activators.base import (
+    Activator,
+    ActivatorContext,
+    ActivatorError,
+    ApplyResult,
+    HealthResult,
+)
+from bstore.activators.cgroups import BSTORE_GROUP, Cgroup, CgroupError, CgroupSupport, detect
+from bstore.activators.cookie import cookie_home, resolve_cookie, vm_environment
+from bstore.activators.health import probe
+from bstore.activators.hostnode import HostNode, HostNodeError, NodePaths
+from bstore.activators.nodeops import (
+    closure_ebins,
+    reconfigure_app,
+    reload_or_restart,
+    run_actions,
+    start_app,
+)
+from bstore.activators.plan import Action, AppStatus, RunningState, plan
+from bstore.errors import BstoreError
+from bstore.generations.manifest import AppEntry, GenerationManifest, parse_manifest
+from bstore.specs.model import Isolation
+from bstore.specs.terms.model import Atom
+
+#: Restarts allowed within WINDOW seconds before an app is failed.
+DEFAULT_BURST = 3
+DEFAULT_WINDOW = 60.0
+#: First restart delay; doubled for each crash in the window, capped.
+DEFAULT_BACKOFF = 0.5
+MAX_BACKOFF = 30.0
+#: A VM's log lines that mean its allocators ran out of the memory it may use.
+_OOM_RE = re.compile(rb"Cannot allocate \d+ bytes of memory")
+_SLOGAN_RE = re.compile(rb"^Slogan: (.*)$", re.MULTILINE)
+_START_MARK = b"--- bstore: starting "
+DEFAULT_HEALTH_WAIT = 5.0
+#: A healthy probe is confirmed this many seconds later (catches fast crash loops).
+DEFAULT_SETTLE = 0.3
+
+
+class VmError(BstoreError):
+    """A guest VM that cannot be started, reached or stopped (names the app)."""
+
+
+def host_node_name(profile: str, options: Mapping[str, str]) -> str:
+    """The host node's distribution name: the ``node_name`` option or
+    ``bstore_<profile>@127.0.0.1``."""
+    return options.get("node_name") or f"bstore_{_safe(profile)}@127.0.0.1"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+
+
+def node_environment(context: ActivatorContext, home: Path) -> dict[str, str]:
+    """The environment of a node of ``context``'s profile: a private ``HOME`` holding the
+    profile's cookie, epmd on loopback, no cookie variables."""
+    cookie = resolve_cookie(context.root / "nodes" / context.profile,
+                            context.options.get("cookie"))
+    return vm_environment(cookie_home(home, cookie))
+
+
+@dataclass
+class VmState:
+    """Supervision state of one VM (``vm.json``)."""
+
+    desired: bool = True
+    crashes: list[float] = field(default_factory=list)
+    failed: str | None = None
+    restart_at: float | None = None
+    last_exit: str | None = None
+    oom_baseline: int = 0
+    connected: bool | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> VmState:
+        """The state in ``path`` (defaults when missing or unreadable)."""
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            return cls(bool(raw["desired"]), [float(t) for t in raw["crashes"]],
+                       raw.get("failed"), raw.get("restart_at"), raw.get("last_exit"),
+                       int(raw.get("oom_baseline", 0)), raw.get("connected"))
+        except (OSError, ValueError, KeyError, TypeError):
+            return cls()
+
+    def write(self, path: Path) -> None:
+        """Save atomically."""
+        data = json.dumps({"desired": self.desired, "crashes": self.crashes,
+                           "failed": self.failed, "restart_at": self.restart_at,
+                           "last_exit": self.last_exit, "oom_baseline": self.oom_baseline,
+                           "connected": self.connected}, indent=1).encode("utf-8")
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+
+
+class _GuestNode(HostNode):
+    """A HostNode whose files live in a VM's directory; remembers the ``Popen`` it spawned
+    (for the exit status) and moves the VM into its cgroup right after the spawn."""
+
+    def __init__(self, directory: Path, label: str, cgroup: Cgroup | None) -> None:
+        # Not HostNode.__init__: the directory is not <state>/nodes/<profile>.
+        self.profile = label
+        self.erl = "erl"
+        self.paths = NodePaths(directory, directory / "agent.sock", directory / "node.json",
+                               directory / "node.log", directory / "lock")
+        self.cgroup = cgroup
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, argv: list[str],
+               env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        proc = super()._spawn(argv, env)
+        self.proc = proc
+        if self.cgroup is not None:
+            try:
+                self.cgroup.add_pid(proc.pid)
+            except CgroupError:
+                # A VM that cannot be limited must not run unlimited.
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise
+        return proc
+
+
+@dataclass
+class Guest:
+    """One app's VM: its directory, node control, and the files in it."""
+
+    app: str
+    directory: Path
+    node: _GuestNode
+
+    @property
+    def state_file(self) -> Path:
+        """``vm.json``."""
+        return self.directory / "vm.json"
+
+    @property
+    def app_file(self) -> Path:
+        """``app.json``: the one-app manifest the VM is started from."""
+        return self.directory / "app.json"
+
+    def running(self) -> bool:
+        """Whether the recorded VM process is alive."""
+        return self.node.status(timeout=5.0).running
+
+    def client(self, timeout: float = 30.0) -> AgentClient:
+        """A client for the VM's agent."""
+        return self.node.client(timeout)
+
+
+class VmActivator(Activator):
+    """One VM per ``isolation => vm`` app (see the module docstring). Options: those of
+    the embedded activator, plus ``restart_burst``, ``restart_window`` (s),
+    ``restart_backoff`` (s) and ``cgroup_base`` (a delegated cgroup v2 directory)."""
+
+    name = "vm"
+
+    def __init__(self, context: ActivatorContext, *, agent_ebin: Path | None = None,
+                 host_node: str | None = None, cgroups: CgroupSupport | None = None) -> None:
+        super().__init__(context)
+        self.store_dir = context.root / "store"
+        self.vms_dir = context.root / "nodes" / context.profile / "vms"
+        self._agent_ebin = agent_ebin
+        opts = context.options
+        if host_node is None and opts.get("distribution", "on") != "off":
+            host_node = host_node_name(context.profile, opts)
+        self.host_node = host_node
+        base = opts.get("cgroup_base")
+        self.cgroups = cgroups if cgroups is not None else detect(
+            Path(base) if base else None)
+        self.burst = int(opts.get("restart_burst", DEFAULT_BURST))
+        self.window = float(opts.get("restart_window", DEFAULT_WINDOW))
+        self.backoff = float(opts.get("restart_backoff", DEFAULT_BACKOFF))
+        self._guests: dict[str, Guest] = {}
+        self._new: GenerationManifest | None = None
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------ guests
+
+    @property
+    def agent_ebin(self) -> Path:
+        """The compiled agent."""
+        if self._agent_ebin is None:
+            from bstore.activators.embedded import ensure_agent
+
+            self._agent_ebin = ensure_agent(self.context.root)
+        return self._agent_ebin
+
+    def guest(self, app: str) -> Guest:
+        """The VM of ``app`` (its files; it need not run)."""
+        if app not in self._guests:
+            directory = self.vms_dir / app
+            cgroup = None
+            if self.cgroups.base is not None:
+                cgroup = Cgroup(self.cgroups.base / BSTORE_GROUP
+                                / _cgroup_name(self.context.profile, app))
+            self._guests[app] = Guest(app, directory, _GuestNode(directory, f"{app} (vm)",
+                                                                 cgroup))
+        return self._guests[app]
+
+    def known_apps(self) -> list[str]:
+        """Apps with a VM directory under this profile."""
+        try:
+            return sorted(p.name for p in self.vms_dir.iterdir() if (p / "app.json").exists())
+        except FileNotFoundError:
+            return []
+
+    def node_name(self, entry: AppEntry) -> str:
+        """``<prefix><app>@127.0.0.1``."""
+        prefix = entry.vm_config.node_prefix if entry.vm_config is not None else None
+        if prefix is None:
+            prefix = f"bstore_{_safe(self.context.profile)}_"
+        return f"{prefix}{entry.name}@127.0.0.1"
+
+    def vm_args(self, entry: AppEntry, guest: Guest) -> list[str]:
+        """The emulator and kernel arguments of ``entry``'s VM (without the cookie)."""
+        args: list[str] = []
+        cfg = entry.vm_config
+        if cfg is not None and cfg.scheduler_limit is not None:
+            args += ["+S", f"{cfg.scheduler_limit}:{cfg.scheduler_limit}"]
+        if cfg is not None and cfg.memory_limit is not None and guest.node.cgroup is None:
+            # No cgroup: one fixed super carrier holds every allocation (+MMmcs would
+            # only count segments, and ulimit -v breaks the VM's address space layout).
+            args += ["+MMscs", str(cfg.memory_limit), "+MMsco", "true", "+Musac", "false"]
+        if self.host_node is not None and self._host_running():
+            # Join the host node's cluster at boot (the connection is made by the kernel).
+            args += ["-kernel", "sync_nodes_optional", f"['{self.host_node}']",
+                     "-kernel", "sync_nodes_timeout", "10000"]
+        if cfg is not None:
+            args += list(cfg.extra_args)
+        return args
+
+    def _host_running(self) -> bool:
+        try:
+            return HostNode(self.context.root, self.context.profile).status(2.0).running
+        except HostNodeError:
+            return False
+
+    def launch(self, app: str) -> None:
+        """Start ``app``'s VM from its ``app.json`` and start the app in it."""
+        guest = self.guest(app)
+        manifest = parse_manifest(guest.app_file.read_bytes(), str(guest.app_file))
+        entry = manifest.apps[app]
+        env = node_environment(self.context, guest.directory / "home")
+        env["ERL_CRASH_DUMP"] = str(guest.directory / "erl_crash.dump")
+        # Long enough for the dump's slogan (the reason bstore reports), bounded.
+        env["ERL_CRASH_DUMP_SECONDS"] = "5"
+        with contextlib.suppress(FileNotFoundError):
+            (guest.directory / "erl_crash.dump").unlink()
+        cgroup = guest.node.cgroup
+        state = VmState.read(guest.state_file)
+        if cgroup is not None:
+            cfg = entry.vm_config
+            self.cgroups.group(cgroup.path.name)
+            if cfg is not None and cfg.memory_limit is not None:
+                cgroup.set_memory_max(cfg.memory_limit * 1024 * 1024)
+            state.oom_baseline = cgroup.oom_kills()
+        state.write(guest.state_file)
+        try:
+            guest.node.start(self.agent_ebin, closure_ebins(self.store_dir, manifest, entry),
+                             node_name=self.node_name(entry),
+                             extra_args=self.vm_args(entry, guest), env=env)
+        except HostNodeError as exc:
+            raise VmError(f"VM of app {app!r} did not start: {exc.message}",
+                          hint=f"see {guest.node.paths.log}") from exc
+        with guest.client() as client:
+            start_app(client, [], entry)
+
+    def _write_app(self, guest: Guest, entry: AppEntry,
+                   manifest: GenerationManifest | None) -> None:
+        code_path = {} if manifest is None else {
+            k: v for k, v in manifest.code_path.items()
+            if v.split("/", 1)[0] in {str(p) for p in entry.closure}}
+        one = GenerationManifest.of([_standalone(entry)], code_path)
+        guest.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = guest.app_file.with_name(".app.json.tmp")
+        tmp.write_bytes(one.to_bytes())
+        os.replace(tmp, guest.app_file)
+
+    # ------------------------------------------------------------ actions
+
+    def do_start(self, entry: AppEntry, manifest: GenerationManifest | None = None) -> str:
+        """Spawn ``entry``'s VM and start the app in it (supervised from now on)."""
+        with self._lock:
+            guest = self.guest(entry.name)
+            if guest.running():
+                guest.node.stop()
+            self._write_app(guest, entry, manifest or self._new)
+            VmState(desired=True).write(guest.state_file)
+            self.launch(entry.name)
+        return f"started in VM {self.node_name(entry)}"
+
+    def do_stop(self, action: Action) -> str:
+        """Stop the app's VM: graceful, then SIGTERM, then SIGKILL (never supervised again)."""
+        return self.stop_vm(action.app)
+
+    def stop_vm(self, app: str) -> str:
+        """Stop ``app``'s VM and forget it; returns how it ended."""
+        with self._lock:
+            guest = self.guest(app)
+            if guest.directory.exists():
+                state = VmState.read(guest.state_file)
+                state.desired = False
+                state.write(guest.state_file)
+            how = guest.node.stop()
+            if guest.node.cgroup is not None:
+                guest.node.cgroup.remove()
+            with contextlib.suppress(FileNotFoundError):
+                guest.app_file.unlink()
+            return f"VM stopped ({how})"
+
+    def stop_all(self) -> list[str]:
+        """Stop every VM of the profile."""
+        return [self.stop_vm(app) for app in self.known_apps()]
+
+    def do_restart(self, action: Action, entry: AppEntry) -> str:
+        """A new VM for the new version."""
+        self.stop_vm(action.app)
+        return "restarted: " + self.do_start(entry)
+
+    def do_reload(self, action: Action, entry: AppEntry) -> str:
+        """Reload changed modules inside the VM (restart the VM if that fails)."""
+        guest = self.guest(entry.name)
+        old = _read_entry(guest)
+        old_ebin = None if old is None else (self.store_dir / str(old.output) / "lib"
+                                             / old.lib_name / "ebin")
+        with guest.client() as client:
+            detail = reload_or_restart(client, self.store_dir, action, entry, old_ebin,
+                                       lambda: self.do_restart(action, entry))
+        self._write_app(guest, entry, self._new)
+        return detail
+
+    def do_reconfigure(self, action: Action, entry: AppEntry) -> str:
+        """Change env in the VM and run ``config_change/3``."""
+        guest = self.guest(entry.name)
+        with guest.client() as client:
+            reconfigure_app(client, action)
+        self._write_app(guest, entry, self._new)
+        return "reconfigured"
+
+    def probe(self, entry: AppEntry) -> HealthResult:
+        """One health check of ``entry`` (custom checks and "running" ask its VM)."""
+        guest = self.guest(entry.name)
+        if not guest.running():
+            state = VmState.read(guest.state_file)
+            return HealthResult(entry.name, False, "VM not running"
+                                + (f": {state.failed or state.last_exit}"
+                                   if state.failed or state.last_exit else ""))
+        with guest.client(10.0) as client:
+            return probe(entry.name, entry.health, client)
+
+    def health_of(self, entry: AppEntry) -> HealthResult:
+        """:meth:`probe`, for callers outside an apply."""
+        return self.probe(entry)
+
+    # ------------------------------------------------------------ Activator
+
+    def plan(self, old: GenerationManifest | None, new: GenerationManifest) -> list[Action]:
+        """Plan against what runs; remembers ``new`` for :meth:`apply`."""
+        self._new = new
+        return plan(old, new, self.current_state())
+
+    def apply(self, actions: Sequence[Action]) -> ApplyResult:
+        """Carry out the actions of vm apps; an embedded app's action fails (use the
+        ``embedded`` activator, which hands vm apps to this one)."""
+        if self._new is None:
+            raise ActivatorError("apply() without plan()", hint="call plan(old, new) first")
+        return run_actions(_VmOnly(self), actions, self._new, self._deadline,
+                           self.context.echo, settle=self._settle)
+
+    @property
+    def _settle(self) -> float:
+        return float(self.context.options.get("health_settle", DEFAULT_SETTLE))
+
+    def _deadline(self, entry: AppEntry) -> float:
+        option = self.context.options.get("health_timeout")
+        if option is not None:
+            return float(option)
+        return DEFAULT_HEALTH_WAIT if entry.health is None else entry.health.timeout / 1000
+
+    def current_state(self) -> Mapping[str, RunningState]:
+        """Each VM app: running (with cluster connection), stopped, or failed (why)."""
+        connected = self._connected_nodes()
+        out: dict[str, RunningState] = {}
+        for app in self.known_apps():
+            guest = self.guest(app)
+            entry = _read_entry(guest)
+            state = VmState.read(guest.state_file)
+            if entry is None or not state.desired:
+                continue
+            version, output = entry.version, str(entry.output)
+            if state.failed is not None:
+                out[app] = RunningState(app, AppStatus.FAILED, version, output=output,
+                                        reason=state.failed)
+            elif guest.running():
+                reason = None
+                if connected is not None:
+                    up = self.node_name(entry) in connected
+                    reason = "node up" if up else f"node down: not connected to {self.host_node}"
+                out[app] = RunningState(app, AppStatus.RUNNING, version, output=output,
+                                        reason=reason)
+            else:
+                out[app] = RunningState(app, AppStatus.STOPPED, version, output=output,
+                                        reason=state.last_exit or "VM not running")
+        return out
+
+    def _connected_nodes(self) -> set[str] | None:
+        """The host node's distribution peers, None when it cannot be asked."""
+        if self.host_node is None:
+            return None
+        host = HostNode(self.context.root, self.context.profile)
+        sock = host.paths.socket
+        if not sock.exists():
+            return None
+        try:
+            with AgentClient(sock, 5.0) as client:
+                peers = client.call("nodes")
+        except AgentError:
+            return None
+        return {p.name for p in peers if isinstance(p, Atom)} if isinstance(peers, list) \
+            else None
+
+    def health(self, app: str) -> HealthResult:
+        """Check ``app`` in its VM now."""
+        entry = _read_entry(self.guest(app))
+        if entry is None:
+            return HealthResult(app, False, "no VM for this app")
+        return self.probe(entry)
+
+    def supervisor(self) -> Supervisor:
+        """The supervisor of this profile's VMs."""
+        return Supervisor(self)
+
+    # ------------------------------------------------------------ deaths
+
+    def death_reason(self, guest: Guest) -> str:
+        """Why ``guest``'s VM died: ``oom``, ``exit status N``/``killed by SIG..``,
+        the crash dump's slogan, or ``exited``."""
+        state = VmState.read(guest.state_file)
+        cgroup = guest.node.cgroup
+        if cgroup is not None and cgroup.oom_kills() > state.oom_baseline:
+            return "oom"
+        log = _last_run_log(guest.node.paths.log)
+        if _OOM_RE.search(log):
+            return "oom"
+        parts = []
+        proc = guest.node.proc
+        if proc is not None and proc.poll() is not None:
+            code = proc.returncode
+            parts.append(f"killed by {signal.Signals(-code).name}" if code < 0
+                         else f"exit status {code}")
+        slogan = _slogan(guest.directory / "erl_crash.dump")
+        if slogan:
+            parts.append(f"crashed: {slogan}")
+        return ", ".join(parts) or "exited"
+
+
+class _VmOnly:
+    """The vm activator as a ``nodeops.Target`` that refuses embedded apps."""
+
+    def __init__(self, vms: VmActivator) -> None:
+        self.vms = vms
+
+    def _check(self, isolation: Isolation | None, app: str) -> None:
+        if isolation is not Isolation.VM:
+            raise VmError(f"app {app!r} is not isolation vm; the vm activator only runs VMs",
+                          hint="use the embedded activator, which runs both")
+
+    def do_start(self, entry: AppEntry) -> str:
+        self._check(entry.isolation, entry.name)
+        return self.vms.do_start(entry)
+
+    def do_stop(self, action: Action) -> str:
+        self._check(action.old_isolation or action.isolation, action.app)
+        return self.vms.do_stop(action)
+
+    def do_restart(self, action: Action, entry: AppEntry) -> str:
+        self._check(entry.isolation, entry.name)
+        self._check(action.old_isolation or action.isolation, action.app)
+        return self.vms.do_restart(action, entry)
+
+    def do_reload(self, action: Action, entry: AppEntry) -> str:
+        self._check(entry.isolation, entry.name)
+        return self.vms.do_reload(action, entry)
+
+    def do_reconfigure(self, action: Action, entry: AppEntry) -> str:
+        self._check(entry.isolation, entry.name)
+        return self.vms.do_reconfigure(action, entry)
+
+    def probe(self, entry: AppEntry) -> HealthResult:
+        return self.vms.probe(entry)
+
+
+class Supervisor:
+    """Restarts dead VMs with backoff; fails an app after too many crashes.
+
+    :meth:`poll` does one round (the daemon calls it periodically, a one-shot command
+    once); :meth:`run` polls in a thread until stopped. All state is in the VMs' files,
+    so any bstore process can supervise and none needs to have started the VMs.
+    """
+
+    def __init__(self, vms: VmActivator, *, clock: Callable[[], float] = time.time) -> None:
+        self.vms = vms
+        self.clock = clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def backoff(self, crashes: int) -> float:
+        """The delay before restart number ``crashes``."""
+        return float(min(MAX_BACKOFF, self.vms.backoff * (2 ** max(0, crashes - 1))))
+
+    def poll(self) -> list[str]:
+        """One round over every VM: note deaths, restart those due, fail crash loops.
+        Returns a line per thing done."""
+        done: list[str] = []
+        connected = self.vms._connected_nodes()
+        for app in self.vms.known_apps():
+            with self.vms._lock:
+                line = self._poll_one(app, connected)
+            if line:
+                done.append(line)
+        return done
+
+    def _poll_one(self, app: str, connected: set[str] | None) -> str | None:
+        guest = self.vms.guest(app)
+        state = VmState.read(guest.state_file)
+        if not state.desired or state.failed is not None:
+            return None
+        now = float(self.clock())
+        if guest.running():
+            entry = _read_entry(guest)
+            if connected is not None and entry is not None:
+                up = self.vms.node_name(entry) in connected
+                if up != state.connected:
+                    state.connected = up
+                    state.write(guest.state_file)
+                    return f"{app}: node {'up' if up else 'down'}"
+            return None
+        if state.restart_at is None:
+            reason = self.vms.death_reason(guest)
+            state.last_exit = reason
+            state.crashes = [t for t in state.crashes if now - t < self.vms.window] + [now]
+            state.connected = False
+            if len(state.crashes) > self.vms.burst:
+                state.failed = reason
+                state.write(guest.state_file)
+                return (f"{app}: failed after {len(state.crashes)} crashes in"
+                        f" {self.vms.window:g} s: {reason}")
+            state.restart_at = now + self.backoff(len(state.crashes))
+            state.write(guest.state_file)
+            if state.restart_at > now:
+                return f"{app}: died ({reason}); restart in {state.restart_at - now:.1f} s"
+        if state.restart_at is not None and now >= state.restart_at:
+            state.restart_at = None
+            state.write(guest.state_file)
+            try:
+                self.vms.launch(app)
+            except (BstoreError, OSError) as exc:
+                return f"{app}: restart failed: {exc}"
+            return f"{app}: restarted"
+        return None
+
+    def run(self, interval: float = 0.5) -> threading.Thread:
+        """Poll every ``interval`` seconds in a daemon thread until :meth:`stop`."""
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                with contextlib.suppress(BstoreError, OSError):
+                    self.poll()
+
+        self._thread = threading.Thread(target=loop, name="bstore-vm-supervisor", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def stop(self) -> None:
+        """End :meth:`run`'s thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _cgroup_name(profile: str, app: str) -> str:
+    return f"{_safe(profile)}-{app}"
+
+
+def _standalone(entry: AppEntry) -> AppEntry:
+    """``entry`` without dependencies on other apps (its manifest holds only itself)."""
+    from dataclasses import replace
+
+    return replace(entry, depends_on=())
+
+
+def _read_entry(guest: Guest) -> AppEntry | None:
+    try:
+        manifest = parse_manifest(guest.app_file.read_bytes(), str(guest.app_file))
+    except (OSError, BstoreError):
+        return None
+    return manifest.apps.get(guest.app)
+
+
+def _last_run_log(log: Path, max_bytes: int = 256 * 1024) -> bytes:
+    """The log of the VM's last run (from the last start marker)."""
+    try:
+        with log.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except FileNotFoundError:
+        return b""
+    mark = data.rfind(_START_MARK)
+    return data[mark:] if mark >= 0 else data
+
+
+def _slogan(dump: Path) -> str | None:
+    try:
+        with dump.open("rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    m = _SLOGAN_RE.search(head)
+    return m.group(1).decode("utf-8", "replace")[:300] if m else None
+
