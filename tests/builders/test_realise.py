@@ -118,6 +118,7 @@ def test_build_everything_noop_and_bump(world: World, tmp_path: Path) -> None:
         with store:
             report = realiser.build(world.specs, jobs=2)
             assert report.ok, report.to_json()
+            report.raise_for_failure()  # nothing to raise
             first_runs = rh.runs(world.counter)
             # Every build system really ran.
             assert {"rebar3", "mix", "make", "erlc"} <= set(first_runs)

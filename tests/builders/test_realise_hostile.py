@@ -16,7 +16,7 @@ import sample_apps
 from localhttp import LocalServer
 
 from bstore.builders.download import DownloadPolicy
-from bstore.builders.realise import AppState, BuildReport, Realiser, log_for
+from bstore.builders.realise import AppState, BuildReport, DerivationFailed, Realiser, log_for
 from bstore.builders.sources import Fetcher
 from bstore.specs.model import AppSpec, SourceSpec, SourceType
 from bstore.store.gc import collect_garbage
@@ -141,6 +141,11 @@ def test_keep_going_builds_independent_apps(tmp_path: Path) -> None:
     assert "brokenapp_util.erl" in error  # the tail of the log, with the compiler error
     assert "brokenapp_util.erl" in log_for(root, "brokenapp").read_text()
     assert not report.ok
+    with pytest.raises(DerivationFailed) as caught:
+        report.raise_for_failure()
+    assert caught.value.node.label == "brokenapp-1.0.0"
+    assert "syntax error" in caught.value.log_tail
+    assert caught.value.log_path == log_for(root, caught.value.node.key)
     names = [p.split("-", 1)[1] for p in valid(root)]
     assert "plainapp-1.0.0" in names and "brokenapp-1.0.0" not in names
 

@@ -168,6 +168,9 @@ class AppResult:
     hint: str | None = None
     log: str | None = None
     resolution: list[dict[str, Any]] | None = None
+    #: The error itself (a :class:`DerivationFailed` for a failed build), for callers
+    #: that want to raise it; not part of the JSON form.
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form (``bstore build --json``)."""
@@ -201,6 +204,18 @@ class BuildReport:
             "built": list(self.built), "skipped": list(self.skipped),
             "failed": list(self.failed),
         }
+
+    def raise_for_failure(self) -> None:
+        """Raise the error of the first app (by name) without an output, if any: a
+        :class:`DerivationFailed` naming the derivation and its log tail for a failed
+        build, else a :class:`RealiseError` saying why the app has no output."""
+        for name in sorted(self.apps):
+            app = self.apps[name]
+            if app.state in (AppState.BUILT, AppState.SKIPPED):
+                continue
+            if isinstance(app.exception, BstoreError):
+                raise app.exception
+            raise RealiseError(f"app {name!r} has no output: {app.error}", hint=app.hint)
 
 
 @dataclass(frozen=True)
@@ -419,7 +434,7 @@ class Realiser:
         if app.error is not None or app.key is None:
             error = app.error or RealiseError(f"app {app.name!r} was not planned")
             return AppResult(app.name, app.version, AppState.FAILED, error=error.message,
-                             hint=error.hint, resolution=resolution)
+                             hint=error.hint, resolution=resolution, exception=error)
         node = plan.nodes[app.key]
         outcome = outcomes.get(app.key)
         log = self.logs_dir / f"{node.key}.log"
@@ -439,7 +454,8 @@ class Realiser:
                      outcome.state, AppState.NOT_STARTED)
         if state is not AppState.FAILED:
             message = f"{outcome.reason}"
-        return AppResult(app.name, app.version, state, error=message, hint=hint, **common)
+        return AppResult(app.name, app.version, state, error=message, hint=hint,
+                         exception=err if state is AppState.FAILED else None, **common)
 
     def _realise_node(self, plan: BuildPlan, key: str) -> AppState:
         node = plan.nodes[key]

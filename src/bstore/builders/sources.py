@@ -39,7 +39,7 @@ import httpx
 from bstore.builders.download import DEFAULT_POLICY, DownloadPolicy, download, fetch_bytes, redact
 from bstore.builders.fetch_git import GitFetcher, redact_url
 from bstore.builders.hex.repos import Repos
-from bstore.builders.hex.tarball import MAX_TARBALL_SIZE, unpack_tarball
+from bstore.builders.hex.tarball import MAX_TARBALL_SIZE, check_outer_checksum, unpack_tarball
 from bstore.builders.hex.versions import Version
 from bstore.builders.safe_tar import extract_archive
 from bstore.errors import BstoreError
@@ -283,6 +283,12 @@ class HexStrategy(FetchStrategy):
         artefact = work / "package.tar"
         artefact.write_bytes(fetch_bytes(fetcher.client, url, policy=policy))
         return artefact
+
+    def check(self, fetcher: Fetcher, identity: Mapping[str, str], artefact: Path) -> None:
+        """The registry's outer sha256 before anything is read from inside the tarball."""
+        repo = fetcher.hex_repos[identity["repository"]]
+        check_outer_checksum(artefact.read_bytes(), bytes.fromhex(identity["outer_checksum"]),
+                             source=repo.tarball_url(identity["package"], identity["version"]))
 
     def unpack(self, fetcher: Fetcher, identity: Mapping[str, str], artefact: Path,
                dest: Path) -> None:
