@@ -55,7 +55,9 @@ def erlang_app(base: Path, modules: int, version: int = 1, changed: int | None =
     """An OTP-style ``ebin`` tree of ``modules`` modules compiled with the real erlc;
     module ``changed`` gets a different body (a one-module upgrade)."""
     src = base.with_name(base.name + "-src")
-    src.mkdir(parents=True, exist_ok=True)
+    if src.exists():
+        shutil.rmtree(src)
+    src.mkdir(parents=True)
     for i in range(modules):
         body = f"f() -> {{m{i}, {2 if i == changed else 1}}}."
         (src / f"m{i}.erl").write_text(
@@ -63,7 +65,8 @@ def erlang_app(base: Path, modules: int, version: int = 1, changed: int | None =
             f"g(X) -> lists:map(fun(Y) -> Y * {i} + X end, lists:seq(1, 50)).\n")
     ebin = base / "ebin"
     ebin.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["erlc", "-o", str(ebin), *sorted(str(p) for p in src.glob("*.erl"))],
+    subprocess.run(["erlc", "+deterministic", "-o", str(ebin),
+                    *sorted(str(p) for p in src.glob("*.erl"))],
                    check=True, capture_output=True, timeout=300)
     mods = ", ".join(f"m{i}" for i in range(modules))
     (ebin / "app.app").write_text(
