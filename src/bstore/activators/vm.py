@@ -192,6 +192,10 @@ class Guest:
 
     def running(self) -> bool:
         """Whether the recorded VM process is alive."""
+        if self.node.proc is not None:
+            # Reap our own child through Popen first, so its exit status is kept (the
+            # generic check would reap it and lose the status).
+            self.node.proc.poll()
         return self.node.status(timeout=5.0).running
 
     def client(self, timeout: float = 30.0) -> AgentClient:
@@ -583,9 +587,11 @@ class Supervisor:
             if connected is not None and entry is not None:
                 up = self.vms.node_name(entry) in connected
                 if up != state.connected:
+                    first = state.connected is None
                     state.connected = up
                     state.write(guest.state_file)
-                    return f"{app}: node {'up' if up else 'down'}"
+                    if not first:
+                        return f"{app}: node {'up' if up else 'down'}"
             return None
         if state.restart_at is None:
             reason = self.vms.death_reason(guest)
