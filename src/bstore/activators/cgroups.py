@@ -16,7 +16,6 @@ so tests run it against a plain directory laid out the same way.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import re
@@ -110,12 +109,11 @@ class Cgroup:
 
     def remove(self) -> None:
         """Remove the (empty) group; a group that still holds processes stays."""
-        with contextlib.suppress(FileNotFoundError):
-            try:
-                self.path.rmdir()
-            except OSError as exc:
-                if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
-                    raise CgroupError(f"cannot remove cgroup {self.path}: {exc}") from exc
+        try:
+            self.path.rmdir()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+                raise CgroupError(f"cannot remove cgroup {self.path}: {exc}") from exc
 
 
 @dataclass(frozen=True)
