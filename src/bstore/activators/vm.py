@@ -65,7 +65,7 @@ from bstore.activators.nodeops import (
 from bstore.activators.plan import Action, AppStatus, RunningState, plan
 from bstore.errors import BstoreError
 from bstore.generations.manifest import AppEntry, GenerationManifest, parse_manifest
-from bstore.specs.model import Isolation
+from bstore.specs.model import Isolation, valid_app_name
 from bstore.specs.terms.model import Atom
 
 #: Restarts allowed within WINDOW seconds before an app is failed.
@@ -243,6 +243,10 @@ class VmActivator(Activator):
 
     def guest(self, app: str) -> Guest:
         """The VM of ``app`` (its files; it need not run)."""
+        if not valid_app_name(app):
+            raise VmError(f"{app!r} is not a valid application name",
+                          hint="an OTP application name: a lowercase letter, then letters,"
+                          " digits and '_'")
         if app not in self._guests:
             directory = self.vms_dir / app
             cgroup = None
@@ -256,7 +260,8 @@ class VmActivator(Activator):
     def known_apps(self) -> list[str]:
         """Apps with a VM directory under this profile."""
         try:
-            return sorted(p.name for p in self.vms_dir.iterdir() if (p / "app.json").exists())
+            return sorted(p.name for p in self.vms_dir.iterdir()
+                          if valid_app_name(p.name) and (p / "app.json").exists())
         except FileNotFoundError:
             return []
 

@@ -8,7 +8,7 @@ import click
 
 #: Modules under ``bstore.cli`` that each define ``COMMANDS: list[click.Command]``.
 #: A module may also attach subcommands to a group another module defines.
-_MODULES = ["store", "store_transfer", "spec", "demo", "build", "generations", "cache"]
+_MODULES = ["store", "store_transfer", "spec", "demo", "build", "generations", "cache", "node"]
 
 
 def _load() -> list[click.Command]:
