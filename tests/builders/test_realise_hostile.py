@@ -13,10 +13,20 @@ import httpx
 import pytest
 import realise_helpers as rh
 import sample_apps
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from hexrepo import HexRepoBuilder
 from localhttp import LocalServer
 
 from bstore.builders.download import DownloadPolicy
-from bstore.builders.realise import AppState, BuildReport, DerivationFailed, Realiser, log_for
+from bstore.builders.hex.repos import HexRepo, Repos
+from bstore.builders.realise import (
+    AppState,
+    BuildReport,
+    DerivationFailed,
+    RealiseError,
+    Realiser,
+    log_for,
+)
 from bstore.builders.sources import Fetcher
 from bstore.specs.model import AppSpec, SourceSpec, SourceType
 from bstore.store.gc import collect_garbage
@@ -261,3 +271,32 @@ def test_gc_during_a_build_keeps_its_inputs(tmp_path: Path) -> None:
     # Once the realiser is closed, nothing holds the source any more.
     with LocalStore.open(root) as store:
         assert source in collect_garbage(store).deleted
+
+
+def test_a_failed_dependency_fails_its_dependents(
+        tmp_path: Path, hex_key: RSAPrivateKey, local_server: LocalServer) -> None:
+    builder = HexRepoBuilder(hex_key, name="hexpm")
+    builder.add("badpkg", "1.0.0", files={
+        "src/badpkg.erl": b"-module(badpkg).\nbroken(\n",
+        "src/badpkg.app.src": b'{application, badpkg, [{vsn, "1.0.0"}, {modules, []},'
+                              b" {applications, [kernel, stdlib]}]}.\n",
+        "rebar.config": b"{deps, []}.\n",
+    })
+    builder.serve(local_server)
+    repos = Repos([HexRepo("hexpm", local_server.base_url, builder.public_key_pem)])
+    user = sample_apps.erlc_app(tmp_path / "repos", "userapp")
+    (user / "rebar.config").write_text('{deps, [{badpkg, "1.0.0"}]}.\n')
+    other = rh.git_repo(sample_apps.erlc_app(tmp_path / "repos"))
+    specs = [rh.git_spec("userapp", "1.0.0", rh.git_repo(user), "main"),
+             rh.git_spec("plainapp", "1.0.0", other, "main")]
+    with httpx.Client(trust_env=False) as client, LocalStore.open(tmp_path / "root") as store:
+        report = Realiser(Fetcher(store, client, hex_repos=repos)).build(specs, keep_going=True)
+    assert report.failed == ("badpkg-1.0.0",)
+    user_result = report.apps["userapp"]
+    assert user_result.state is AppState.DEPENDENCY_FAILED
+    assert user_result.error == "userapp-1.0.0 not built: dependency badpkg-1.0.0 failed"
+    assert report.apps["plainapp"].state is AppState.BUILT
+    with pytest.raises(RealiseError) as caught:
+        report.raise_for_failure()
+    assert caught.value.message == ("app 'userapp' has no output: userapp-1.0.0 not built:"
+                                    " dependency badpkg-1.0.0 failed")

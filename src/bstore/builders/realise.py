@@ -452,7 +452,14 @@ class Realiser:
         state = {JobState.FAILED: AppState.FAILED,
                  JobState.DEPENDENCY_FAILED: AppState.DEPENDENCY_FAILED}.get(
                      outcome.state, AppState.NOT_STARTED)
-        if state is not AppState.FAILED:
+        if state is AppState.DEPENDENCY_FAILED:
+            # The scheduler names the dependency by key; users know it by name-version.
+            broken = [plan.nodes[k].label for k in plan.closure(node.key)
+                      if k in outcomes and outcomes[k].state is JobState.FAILED]
+            message = (f"{node.label} not built: dependency {', '.join(broken)} failed"
+                       if broken else f"{outcome.reason}")
+            hint = "see the failed dependency's log (bstore log <its output path>)"
+        elif state is not AppState.FAILED:
             message = f"{outcome.reason}"
         return AppResult(app.name, app.version, state, error=message, hint=hint,
                          exception=err if state is AppState.FAILED else None, **common)
