@@ -200,6 +200,13 @@ def zstd_bomb(w: World, c: Path) -> None:
     (c / blob_key(blake3.blake3(w.app_file).hexdigest())).write_bytes(bomb)
 
 
+def zstd_bomb_no_size(w: World, c: Path) -> None:
+    # No declared content size: caught while streaming, one byte past the promise.
+    bomb = zstandard.ZstdCompressor(level=19, write_content_size=False).compress(
+        b"\0" * (64 << 20))
+    (c / blob_key(blake3.blake3(w.app_file).hexdigest())).write_bytes(bomb)
+
+
 def traversal_ref(w: World, c: Path) -> None:
     _edit_meta(c, w.app, lambda t: re.sub(r"References: \S+", "References: ../../etc/passwd",
                                           t))
@@ -221,7 +228,8 @@ HOSTILE = [
                  id="unsigned-compression"),
     pytest.param(y_for_x, "describes", id="metadata-of-y-for-x"),
     pytest.param(refs_dropped, "signature by host-a does not verify", id="references-dropped"),
-    pytest.param(zstd_bomb, "expands beyond", id="zstd-bomb"),
+    pytest.param(zstd_bomb, "expands to 67108864 bytes, beyond the 300", id="zstd-bomb"),
+    pytest.param(zstd_bomb_no_size, "expands beyond the 300 bytes", id="zstd-bomb-unsized"),
     pytest.param(traversal_ref, "is not a store path base name", id="traversal-reference"),
     pytest.param(traversal_store_path, "'passwd' is not a store path base name",
                  id="traversal-store-path"),

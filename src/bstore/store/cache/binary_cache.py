@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import blake3
@@ -31,6 +31,7 @@ from bstore.store.cache.backend import (
     CacheError,
     CacheMissing,
     CachePolicy,
+    HttpCache,
     open_backend,
 )
 from bstore.store.cache.format import (
@@ -49,6 +50,7 @@ from bstore.store.cache.transfer import (
     LocalBlobs,
     compress,
     fetch_manifest,
+    run_all,
     stage_tree,
 )
 from bstore.store.local import LocalStore
@@ -154,7 +156,7 @@ class BinaryCache:
         with store.staging_dir("substitute") as stage:
             tree = stage / "tree"
             stats = stage_tree(self.backend, meta, manifest, tree, local,
-                               self.policy.parallel, progress)
+                               self._workers(), progress)
             sp = store.register_tree(
                 tree, meta.path.name, kind=meta.kind, hash_hex=meta.hash_hex,
                 references=meta.references, deriver=meta.deriver, expected_mcid=meta.mcid,
@@ -230,13 +232,23 @@ class BinaryCache:
             self.backend.put(key, blob)
             return len(blob)
 
-        items = list(seen.items())
-        workers = max(1, min(self.policy.parallel, os.cpu_count() or 1, len(items)))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for sent in pool.map(upload, items):
-                if sent >= 0:
+        lock = threading.Lock()
+
+        def one(item: tuple[str, tuple[bytes, EntryType, int]]) -> None:
+            sent = upload(item)
+            if sent >= 0:
+                with lock:
                     report.blobs_uploaded += 1
                     report.bytes_uploaded += sent
+
+        run_all(one, list(seen.items()), self._workers())
+
+    def _workers(self) -> int:
+        # A local directory is CPU-bound (zstd, blake3): one thread per core. HTTP waits
+        # on the network: the policy's concurrency.
+        if isinstance(self.backend, HttpCache):
+            return self.policy.parallel
+        return min(self.policy.parallel, os.cpu_count() or 1)
 
 
 # -- substituters -----------------------------------------------------------------------

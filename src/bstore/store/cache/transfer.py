@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import blake3
 import zstandard
@@ -30,6 +30,7 @@ MAX_WINDOW_SIZE = 1 << 23
 LEVEL = 3
 _READ = 1 << 20
 _EMPTY_BLAKE3 = blake3.blake3(b"").hexdigest()
+T = TypeVar("T")
 
 
 class BlobError(CacheError):
@@ -60,17 +61,71 @@ class ChunkReader:
         return out
 
 
+#: Objects up to this size are decoded in one call (the common case: .beam files).
+_WHOLE = 8 << 20
+_tls = threading.local()
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    # One context per thread: making one costs more than decoding a small file.
+    dctx = getattr(_tls, "dctx", None)
+    if dctx is None:
+        dctx = _tls.dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE)
+    return dctx
+
+
+def _cctx() -> zstandard.ZstdCompressor:
+    cctx = getattr(_tls, "cctx", None)
+    if cctx is None:
+        cctx = _tls.cctx = zstandard.ZstdCompressor(level=LEVEL, write_checksum=True)
+    return cctx
+
+
 def decode(chunks: Iterator[bytes], size: int, blake3_hex: str, where: str,
            write: Callable[[bytes], object]) -> None:
     """Decompress a zstd object, passing at most ``size`` bytes to ``write``; the output
     must be exactly ``size`` bytes with blake3 ``blake3_hex``."""
-    dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE)
+    if size <= _WHOLE:
+        data = b"".join(chunks)  # the backend caps it at compressed_bound(size)
+        try:
+            declared = zstandard.frame_content_size(data)
+        except zstandard.ZstdError as exc:
+            raise BlobError(f"{where} is not a valid zstd object: {exc}") from exc
+        if declared > size:
+            raise CacheTooLarge(f"{where} expands to {declared} bytes, beyond the {size}"
+                                " the manifest promises (zstd bomb?)",
+                                hint="the cache is broken or hostile")
+        if declared == size:
+            try:
+                # The frame declares its size, so zstd refuses to write past it.
+                out = _dctx().decompress(data, max_output_size=size) if size else \
+                    _dctx().decompress(data)
+            except zstandard.ZstdError as exc:
+                raise BlobError(f"{where} is not a valid zstd object: {exc}") from exc
+            _check(out, size, blake3_hex, where)
+            write(out)
+            return
+        chunks = iter((data,))
+    _decode_stream(chunks, size, blake3_hex, where, write)
+
+
+def _check(out: bytes, size: int, blake3_hex: str, where: str) -> None:
+    if len(out) != size:
+        raise BlobError(f"{where} has {len(out)} bytes, the manifest promises {size}")
+    got = blake3.blake3(out).hexdigest()
+    if got != blake3_hex:
+        raise BlobError(f"{where} hashes to blake3 {got}, expected {blake3_hex}",
+                        hint="the cache holds altered contents; it is not used")
+
+
+def _decode_stream(chunks: Iterator[bytes], size: int, blake3_hex: str, where: str,
+                   write: Callable[[bytes], object]) -> None:
     hasher = blake3.blake3()
     total = 0
     try:
         # ChunkReader only needs read(); zstandard's stubs ask for a full IO.
-        with dctx.stream_reader(ChunkReader(chunks),  # type: ignore[arg-type]
-                                read_size=_READ) as reader:
+        with _dctx().stream_reader(ChunkReader(chunks),  # type: ignore[arg-type]
+                                   read_size=_READ) as reader:
             while True:
                 # One byte more than promised is enough to call it a lie: a zstd bomb
                 # never gets to expand further than that.
@@ -113,7 +168,7 @@ def decode_capped(chunks: Iterator[bytes], max_size: int, where: str) -> bytes:
 
 def compress(data: bytes) -> bytes:
     """One zstd frame (with its content size and checksum)."""
-    return zstandard.ZstdCompressor(level=LEVEL, write_checksum=True).compress(data)
+    return _cctx().compress(data)
 
 
 def fetch_manifest(backend: CacheBackend, mcid: str, size: int, key: str | None = None
@@ -267,7 +322,7 @@ def stage_tree(backend: CacheBackend, meta: CacheMeta, manifest: Manifest, dest:
             if progress is not None:
                 progress(done[0], len(missing))
 
-    _run_all(download, missing, parallel)
+    run_all(download, missing, parallel)
     stats.downloaded_files = len(missing)
     stats.downloaded_bytes = backend.received - before
     for entry in later:
@@ -279,24 +334,35 @@ def stage_tree(backend: CacheBackend, meta: CacheMeta, manifest: Manifest, dest:
     return stats
 
 
-def _run_all(fn: Callable[[ManifestEntry], None], items: Iterable[ManifestEntry],
-             parallel: int) -> None:
-    """Run ``fn`` over ``items`` on ``parallel`` threads; the first error wins."""
+def run_all(fn: Callable[[T], None], items: Iterable[T], parallel: int) -> None:
+    """Run ``fn`` over ``items`` on up to ``parallel`` threads, each taking a contiguous
+    share (per-item futures cost more than small files do); the first error wins."""
     items = list(items)
-    if parallel <= 1 or len(items) <= 1:
+    workers = max(1, min(parallel, len(items)))
+    if workers == 1:
         for item in items:
             fn(item)
         return
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = [pool.submit(fn, item) for item in items]
-        error: BaseException | None = None
-        for fut in futures:
-            if fut.cancelled():
-                continue
-            exc = fut.exception()
-            if exc is not None and error is None:
-                error = exc
-                for other in futures:
-                    other.cancel()
-        if error is not None:
-            raise error
+    failed = threading.Event()
+    errors: list[BaseException] = []
+
+    def worker(share: list[T]) -> None:
+        for item in share:
+            if failed.is_set():
+                return
+            try:
+                fn(item)
+            except BaseException as exc:  # handed to the caller below
+                errors.append(exc)
+                failed.set()
+                return
+
+    # Interleaved shares: neighbours in a manifest tend to be alike in size.
+    threads = [threading.Thread(target=worker, args=(items[i::workers],), daemon=True)
+               for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
