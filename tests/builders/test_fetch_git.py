@@ -179,7 +179,7 @@ def _raw_commit(upstream: Path, entries: list[tuple[int, bytes, bytes]]) -> None
         # and a blob named "y/x" would be written through it.
         ([(0o120000, b"l", b"."), (0o120000, b"y", b"l/.."), (0o100644, b"y/x", b"pwn")],
          "has a '/' in its name"),
-        ([(0o120000, b"l", b"."), (0o120000, b"y", b"l/..")], "resolves outside"),
+        ([(0o120000, b"l", b"."), (0o120000, b"y", b"l/..")], "points outside the tree"),
         ([(0o120000, b"a", b"x"), (0o100644, b"a", b"second")], "appears twice"),
         ([(0o100644, b"..", b"x")], "'.' or '..' component"),
         ([(0o100644, b".git", b"x")], "'.git' entry"),

@@ -23,8 +23,8 @@ import blake3
 import pygit2
 
 from bstore.errors import BstoreError
-from bstore.store.links import find_escaping_link
-from bstore.store.manifest import InvalidTreeError, symlink_escapes, validate_entry_path
+from bstore.store.manifest import InvalidTreeError, validate_entry_path
+from bstore.store.symlinks import find_escaping_link, symlink_escapes
 
 #: A 40-hex (SHA-1) or 64-hex (SHA-256) object id given as a ref is taken as a commit.
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
@@ -276,12 +276,13 @@ def export_tree(
     """
     dest.mkdir()
     try:
-        _write_tree(repo, tree, dest, where, limits, log)
-        escaping = find_escaping_link(dest)
+        links = _write_tree(repo, tree, dest, where, limits, log)
+        escaping = find_escaping_link(links)
         if escaping is not None:
+            link, target, why = escaping
             raise GitFetchError(
-                f"{where}: symlink {escaping[0]!r} -> {escaping[1]!r} resolves outside"
-                " the source tree",
+                f"{where}: symlink {link.decode('utf-8', 'replace')!r} ->"
+                f" {target.decode('utf-8', 'replace')!r} {why}",
                 hint="sources may only contain symlinks that stay inside them",
             )
     except OSError as exc:
@@ -303,7 +304,9 @@ def _write_tree(
     where: str,
     limits: GitLimits,
     log: Callable[[str], None],
-) -> None:
+) -> dict[bytes, bytes]:
+    """Write the tree; return its symlinks (path → target) for the containment check."""
+    links: dict[bytes, bytes] = {}
     total = 0
     count = 0
     stack: list[tuple[pygit2.Tree, bytes]] = [(tree, b"")]
@@ -351,6 +354,7 @@ def _write_tree(
                         f"{link.decode('utf-8', 'replace')!r} points outside the source tree",
                         hint="sources may only contain symlinks that stay inside them",
                     )
+                links[rel] = link
                 os.symlink(link, target)
             elif mode == _MODE_COMMIT:
                 # Submodules are never fetched (they would run another fetch from a URL
@@ -361,6 +365,7 @@ def _write_tree(
                 raise GitFetchError(
                     f"{where}: entry {rel!r} has unknown mode {stat.filemode(mode)}"
                 )
+    return links
 
 
 def _entry_name(entry: pygit2.Object) -> bytes:

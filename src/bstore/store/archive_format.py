@@ -34,8 +34,8 @@ from bstore.store.manifest import (
     InvalidTreeError,
     Manifest,
     ManifestEntry,
-    symlink_escapes,
 )
+from bstore.store.symlinks import find_escaping_link, symlink_escapes
 
 STREAM_HEADER = b"bstore-export-1\n"
 _END = b"end\n"
@@ -238,6 +238,8 @@ class StreamReader:
 
     def __init__(self, inp: LimitedInput) -> None:
         self._in = inp
+        self._links: dict[bytes, bytes] = {}
+        self._allowed_roots: frozenset[bytes] = frozenset()
         self._count = 0
         header = inp.read_until(b"\n", 64, "the stream header")
         if header != STREAM_HEADER:
@@ -277,6 +279,9 @@ class StreamReader:
         directories: set[bytes] = set()
         manifest_hash = blake3.blake3(MANIFEST_HEADER)
         total = 0
+        # Links may lead into referenced paths; chains are resolved once all are read.
+        self._links = {}
+        self._allowed_roots = frozenset(str(r).encode() for r in meta.references)
         while True:
             if self._in.peek(len(_END)) == _END:
                 self._in.read_exact(len(_END), "an end marker")
@@ -293,6 +298,14 @@ class StreamReader:
             manifest_hash.update(entry.to_bytes())
         if not entries:
             raise ArchiveError(f"{where}: the record has no entries")
+        escaping = find_escaping_link(self._links, self._allowed_roots)
+        if escaping is not None:
+            link, target, why = escaping
+            raise ArchiveError(
+                f"{where}: symlink {link.decode('utf-8', 'backslashreplace')!r} -> "
+                f"{target.decode('utf-8', 'backslashreplace')!r} {why}",
+                hint="store paths may only contain links that stay inside them",
+            )
         manifest = Manifest(tuple(entries))
         mcid = "mcid1-manifest-blake3-" + manifest_hash.hexdigest()
         if mcid != meta.mcid:
@@ -374,7 +387,8 @@ class StreamReader:
                 raise ArchiveError(f"{where}: symlink {shown!r} has a {entry.size}-byte target")
             target = self._in.read_exact(entry.size, what)
             digest = blake3.blake3(target).hexdigest()
-            if symlink_escapes(entry.path, target):
+            self._links[entry.path] = target
+            if symlink_escapes(entry.path, target, self._allowed_roots):
                 raise ArchiveError(
                     f"{where}: symlink {shown!r} -> "
                     f"{target.decode('utf-8', 'backslashreplace')!r} points outside the path",

@@ -258,8 +258,11 @@ class LocalStore:
         if not str(staged).startswith(tmp):
             raise StoreError(f"staged tree {str(staged)!r} is not under {tmp!r}",
                              hint="build it in LocalStore.staging_dir()")
+        references = tuple(references)
         try:
-            manifest = scan_tree(staged)
+            # Links may lead into the paths this one references (a generation's lib/
+            # links into app outputs); GC keeps those alive as long as this path.
+            manifest = scan_tree(staged, allowed_link_roots={str(r) for r in references})
             if expected_mcid is not None and manifest.mcid != expected_mcid:
                 raise InvalidTreeError(
                     f"staged tree for {name!r} has content id {manifest.mcid},"
@@ -444,7 +447,7 @@ class LocalStore:
         """
         try:
             info = self.query_info(sp)
-            manifest = scan_tree(staged)
+            manifest = scan_tree(staged, allowed_link_roots={str(r) for r in info.references})
             if manifest.mcid != info.mcid:
                 raise InvalidTreeError(
                     f"replacement for {str(sp)!r} has content id {manifest.mcid},"

@@ -23,7 +23,7 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -32,6 +32,10 @@ from typing import NewType
 import blake3
 
 from bstore.errors import BstoreError
+
+# Re-exported: callers met symlink_escapes here first.
+from bstore.store.symlinks import find_escaping_link
+from bstore.store.symlinks import symlink_escapes as symlink_escapes
 
 MANIFEST_HEADER = b"bstore-manifest-1\n"
 MCID_PREFIX = "mcid1-manifest-blake3-"
@@ -100,33 +104,6 @@ def validate_entry_path(path: bytes) -> bytes:
                 f"entry path {shown!r} has a name longer than {MAX_NAME_BYTES} bytes"
             )
     return path
-
-
-def symlink_escapes(entry_path: bytes, target: bytes) -> bool:
-    """Whether a symlink at ``entry_path`` pointing to ``target`` leaves the tree.
-
-    Absolute targets always escape, and so does any target of a link that is the root
-    itself; relative ones escape when ``..`` climbs above the root at any point (a pure,
-    lexical check: it never follows other links, which is safe because every link in a
-    tree is checked the same way).
-    """
-    if not target or target.startswith(b"/") or b"\0" in target:
-        return True
-    if entry_path == b"":
-        # A path that *is* a symlink resolves its target against the store dir, i.e.
-        # into some other store path (or anywhere, with ..): never self-contained.
-        return True
-    depth = entry_path.count(b"/")  # parent directory depth of the link itself
-    for part in target.split(b"/"):
-        if part in (b"", b"."):
-            continue
-        if part == b"..":
-            depth -= 1
-            if depth < 0:
-                return True
-        else:
-            depth += 1
-    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,18 +250,31 @@ def hash_file(path: str | os.PathLike[str], size: int | None = None) -> str:
     return str(hasher.hexdigest())
 
 
-def _entry_for(abs_path: bytes, rel: bytes, st: os.stat_result, shown_root: str) -> ManifestEntry:
+def escaping_link_error(shown_root: str, rel: bytes, target: bytes, why: str) -> InvalidTreeError:
+    """The error for a symlink that does not stay inside its tree."""
+    return InvalidTreeError(
+        f"{shown_root}: symlink {rel.decode('utf-8', 'backslashreplace') or '.'!r} -> "
+        f"{target.decode('utf-8', 'backslashreplace')!r} {why}",
+        hint="store paths may only contain links that stay inside them",
+    )
+
+
+def _entry_for(
+    abs_path: bytes,
+    rel: bytes,
+    st: os.stat_result,
+    shown_root: str,
+    links: dict[bytes, bytes],
+    allowed_roots: Collection[bytes] = (),
+) -> ManifestEntry:
     mode = st.st_mode
     if stat.S_ISDIR(mode):
         return ManifestEntry(rel, EntryType.DIRECTORY, 0, None)
     if stat.S_ISLNK(mode):
         target = os.readlink(abs_path)
-        if symlink_escapes(rel, target):
-            raise InvalidTreeError(
-                f"{shown_root}: symlink {rel.decode('utf-8', 'backslashreplace') or '.'!r} -> "
-                f"{target.decode('utf-8', 'backslashreplace')!r} points outside the tree",
-                hint="store paths may only contain links that stay inside them",
-            )
+        if symlink_escapes(rel, target, allowed_roots):
+            raise escaping_link_error(shown_root, rel, target, "points outside the tree")
+        links[rel] = target
         return ManifestEntry(rel, EntryType.SYMLINK, len(target), blake3.blake3(target).hexdigest())
     if stat.S_ISREG(mode):
         kind = EntryType.EXECUTABLE if mode & stat.S_IXUSR else EntryType.FILE
@@ -316,11 +306,18 @@ def tree_os_error(exc: OSError, shown_root: str, rel: bytes) -> InvalidTreeError
                             hint="check the tree's permissions")
 
 
-def scan_tree(root: str | os.PathLike[str], *, outside_links_ok: bool = False) -> Manifest:
+def scan_tree(
+    root: str | os.PathLike[str],
+    *,
+    outside_links_ok: bool = False,
+    allowed_link_roots: Collection[str] = (),
+) -> Manifest:
     """Walk ``root`` (without following symlinks) and build its manifest.
 
     Pass ``outside_links_ok=True`` to scan a path already in the store: after
     ``store optimise`` its files share inodes with other store paths by design.
+    ``allowed_link_roots`` are base names of store paths this tree's symlinks may lead
+    into (``../<base>/...`` from the root): the paths it references.
 
     Rejects devices, FIFOs, sockets, symlinks leaving the tree, invalid or over-long
     names, and files hardlinked from outside the tree (their contents could change
@@ -333,7 +330,9 @@ def scan_tree(root: str | os.PathLike[str], *, outside_links_ok: bool = False) -
         st = os.lstat(root_b)
     except OSError as exc:
         raise InvalidTreeError(f"cannot read {shown_root!r}: {exc.strerror}") from exc
-    entries = [_entry_for(root_b, b"", st, shown_root)]
+    links: dict[bytes, bytes] = {}
+    allowed = frozenset(os.fsencode(r) for r in allowed_link_roots)
+    entries = [_entry_for(root_b, b"", st, shown_root, links, allowed)]
     link_counts: dict[tuple[int, int], list[int]] = {}
     _note_links(link_counts, st)
     if entries[0].type is EntryType.DIRECTORY:
@@ -350,7 +349,7 @@ def scan_tree(root: str | os.PathLike[str], *, outside_links_ok: bool = False) -
                 rel = rel_dir + b"/" + name if rel_dir else name
                 try:
                     entry = _entry_for(abs_dir + b"/" + name, validate_entry_path(rel),
-                                       child_st, shown_root)
+                                       child_st, shown_root, links, allowed)
                 except OSError as exc:
                     raise tree_os_error(exc, shown_root, rel) from exc
                 entries.append(entry)
@@ -364,6 +363,9 @@ def scan_tree(root: str | os.PathLike[str], *, outside_links_ok: bool = False) -
                 f" ({nlink} links, {seen} inside)",
                 hint="copy the file (cp without -l) before adding the tree",
             )
+    escaping = find_escaping_link(links, allowed)
+    if escaping is not None:
+        raise escaping_link_error(shown_root, *escaping)
     entries.sort(key=lambda e: e.path)
     return Manifest(tuple(entries))
 
