@@ -37,7 +37,7 @@ import blake3
 import httpx
 
 from bstore.builders.download import DEFAULT_POLICY, DownloadPolicy, download, fetch_bytes, redact
-from bstore.builders.fetch_git import GitFetcher, redact_url
+from bstore.builders.fetch_git import GitFetcher
 from bstore.builders.hex.repos import Repos
 from bstore.builders.hex.tarball import MAX_TARBALL_SIZE, check_outer_checksum, unpack_tarball
 from bstore.builders.hex.versions import Version
@@ -239,13 +239,8 @@ class GitStrategy(FetchStrategy):
         return {"type": "git", "url": source.url, "commit": commit}
 
     def fetch(self, fetcher: Fetcher, identity: Mapping[str, str], work: Path) -> Path:
-        assert fetcher.git is not None
-        url, commit = identity["url"], identity["commit"]
-        with fetcher.url_lock(url):
-            repo = fetcher.git.fetch(url)
-            if repo.get(commit) is None:
-                raise SourceError(f"commit {commit} is not in {redact_url(url)}",
-                                  hint="push the commit to a branch or tag")
+        # identify() resolved the ref by fetching into the per-URL cache repository, so
+        # the commit is there already; export() fails clearly if it is not.
         return work
 
     def unpack(self, fetcher: Fetcher, identity: Mapping[str, str], artefact: Path,
