@@ -20,7 +20,6 @@ The ``lib/`` links need the store to accept symlinks into referenced store paths
 
 from __future__ import annotations
 
-import inspect
 import os
 import stat
 from collections.abc import Sequence
@@ -145,11 +144,6 @@ def generation_path(store: LocalStore, manifest: GenerationManifest) -> StorePat
                            GENERATION_NAME)
 
 
-def links_supported(store: LocalStore) -> bool:
-    """Whether the store can register the ``lib/`` links into referenced paths."""
-    return "allowed_link_roots" in inspect.signature(store.register_tree).parameters
-
-
 def write_generation(store: LocalStore, manifest: GenerationManifest) -> StorePath:
     """Make ``manifest`` a valid GENERATION store path (a no-op if it is one already)
     and keep it as a temporary root of this store handle. Atomic (register_tree)."""
@@ -157,22 +151,20 @@ def write_generation(store: LocalStore, manifest: GenerationManifest) -> StorePa
     if store.is_valid(sp):
         store.add_temp_root(sp)
         return sp
-    references = sorted({a.output for a in manifest.apps.values()}, key=str)
-    with_links = links_supported(store)
+    # The whole closure, not just the app outputs: lib/ links point into dependency
+    # outputs too, and a store path may only link into paths it references.
+    references = sorted({p for a in manifest.apps.values() for p in a.closure}, key=str)
     with store.staging_dir("generation") as stage:
         tree = stage / "generation"
         tree.mkdir()
         (tree / MANIFEST_FILE).write_bytes(manifest.to_bytes())
-        extra: dict[str, object] = {}
-        if with_links and manifest.code_path:
+        if manifest.code_path:
             lib = tree / "lib"
             lib.mkdir()
             for entry, target in manifest.code_path.items():
                 os.symlink(f"../../{target}", lib / entry)
-            extra["allowed_link_roots"] = {str(r) for r in references}
         got = store.register_tree(tree, GENERATION_NAME, kind=PathKind.GENERATION,
-                                  hash_hex=manifest.content_hash(), references=references,
-                                  **extra)  # type: ignore[arg-type]
+                                  hash_hex=manifest.content_hash(), references=references)
     if got != sp:  # pragma: no cover - register_tree computes the same function
         raise GenerationError(f"generation registered as {got}, expected {sp}")
     return sp
