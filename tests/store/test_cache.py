@@ -149,7 +149,7 @@ def _resign(cache: Path, sp: StorePath, key: SecretKey, **changes: object) -> No
     fields = {f: getattr(m, f) for f in CacheMeta.__dataclass_fields__}
     fields.update(changes)
     fields["signatures"] = ()
-    m = CacheMeta(**fields)  # type: ignore[arg-type]
+    m = CacheMeta(**fields)
     p.write_bytes(m.with_signatures((key.sign(m.fingerprint()),)).to_bytes())
 
 

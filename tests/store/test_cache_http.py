@@ -171,3 +171,20 @@ def test_server_survives_garbage_requests(net: Net) -> None:
         assert conn.getresponse().status == 200
     finally:
         conn.close()
+
+
+def test_cli_push_on_a_then_pull_on_b(net: Net, b_store: LocalStore, tmp_path: Path) -> None:
+    cache = tmp_path / "pushed"
+    full = f"{b_store.store_dir}/{net.app}"
+    res = net.hosts.run_a("--json", "copy", "--to", f"file://{cache}", full,
+                          "--key", str(net.key_file))
+    assert res.returncode == 0, res.stderr
+    pushed = json.loads(res.stdout)
+    assert pushed["paths"] == [str(net.app)] and pushed["blobs_uploaded"] >= 30
+    res = net.hosts.run_a("--json", "copy", "--to", f"file://{cache}", full)
+    assert json.loads(res.stdout)["skipped"] == [str(net.app)]
+    res = run_bstore(net.hosts.root, "copy", "--from", f"file://{cache}", full,
+                     env={"BSTORE_TRUSTED_PUBLIC_KEYS": KEY.public_key.to_text()})
+    assert res.returncode == 0, res.stderr
+    assert "fetching" in res.stderr
+    assert b_store.is_valid(net.app)

@@ -205,13 +205,12 @@ def copy_cmd(app: AppContext, paths: tuple[str, ...], to_url: str | None,
         keys = TrustedKeys.parse(lines, threshold)
     except SigningKeyError as exc:
         raise BstoreError(exc.message, hint=exc.hint) from exc
-    subs = Substituters([from_url], keys, policy=policy)
+    subs = Substituters([from_url], keys, policy=policy, progress=app.log)
     failed: list[str] = []
     try:
         with LocalStore.open(app.root) as st:
             pulled: list[StorePath] = [st.parse_path(p) for p in paths]
             for sp in pulled:
-                app.log(f"copying {st.full_path(sp)} from {from_url}")
                 if not subs.substitute(st, sp):
                     failed.append(st.full_path(sp))
             done = [st.full_path(p) for p, _ in subs.report.fetched]

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import blake3
@@ -275,8 +275,10 @@ class Substituters:
     def __init__(self, urls: Sequence[str], trusted: TrustedKeys, *,
                  policy: CachePolicy | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 caches: Sequence[BinaryCache] | None = None) -> None:
+                 caches: Sequence[BinaryCache] | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.policy = policy or CachePolicy()
+        self.progress = progress
         self.trusted = trusted
         self._clock = clock
         self._caches: list[BinaryCache] = list(caches or [])
@@ -311,19 +313,23 @@ class Substituters:
                 self._error(f"substituter {cache.url} is skipped: {exc.message}")
         return [c for _, _, c in sorted(usable, key=lambda t: (t[0], t[1]))]
 
-    def _find(self, store: LocalStore, sp: StorePath) -> list[tuple[BinaryCache, CacheMeta]]:
-        found = []
+    def _find(self, store: LocalStore, sp: StorePath
+              ) -> Iterator[tuple[BinaryCache, CacheMeta]]:
+        """Verified metadata of ``sp`` from each cache in turn (lazily: a later cache is
+        only asked when the earlier ones did not deliver)."""
         for cache in self._ordered():
             neg = (cache.url, str(sp))
             if self._negative.get(neg, 0.0) > self._clock():
                 continue
             try:
-                found.append((cache, cache.query(sp, str(store.store_dir), self.trusted)))
+                meta = cache.query(sp, str(store.store_dir), self.trusted)
             except CacheMissing:
                 self._negative[neg] = self._clock() + self.policy.negative_ttl
+                continue
             except BstoreError as exc:
                 self._error(f"{cache.url}: refusing {store.full_path(sp)}: {exc.message}")
-        return found
+                continue
+            yield cache, meta
 
     def substitute(self, store: LocalStore, sp: StorePath) -> bool:
         """Make ``sp`` and its references valid from the caches; ``False`` when some
@@ -340,21 +346,27 @@ class Substituters:
             self._error(f"reference cycle through {sp}")
             return False
         visiting.add(sp)
-        for cache, meta in self._find(store, sp):
-            if not all(self._substitute(store, r, local, visiting)
-                       for r in meta.references if r != sp):
-                return False
-            try:
-                stats = cache.fetch(store, meta, local)
-            except BstoreError as exc:
-                self._error(f"{cache.url}: cannot substitute {meta.full_path}: {exc.message}")
-                continue
-            self.report.fetched.append((sp, cache.url))
-            self.report.local_files += stats.local_files
-            self.report.downloaded_files += stats.downloaded_files
-            self.report.downloaded_bytes += stats.downloaded_bytes
-            return True
-        return False
+        try:
+            for cache, meta in self._find(store, sp):
+                if not all(self._substitute(store, r, local, visiting)
+                           for r in meta.references if r != sp):
+                    return False
+                if self.progress is not None:
+                    self.progress(f"fetching {meta.full_path} from {cache.url}")
+                try:
+                    stats = cache.fetch(store, meta, local)
+                except BstoreError as exc:
+                    self._error(f"{cache.url}: cannot substitute {meta.full_path}:"
+                                f" {exc.message}")
+                    continue
+                self.report.fetched.append((sp, cache.url))
+                self.report.local_files += stats.local_files
+                self.report.downloaded_files += stats.downloaded_files
+                self.report.downloaded_bytes += stats.downloaded_bytes
+                return True
+            return False
+        finally:
+            visiting.discard(sp)
 
 
 def substitute(store: LocalStore, path: StorePath, substituters: Sequence[str] | Substituters,

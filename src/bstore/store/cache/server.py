@@ -135,8 +135,9 @@ class StoreCacheServer:
         with self.lock:
             return self.store.query_manifest(sp)
 
-    def object(self, match: re.Match[str]) -> bytes | None:
-        """The bytes of the object a request names, or None (404)."""
+    def object(self, match: re.Match[str], head: bool = False) -> bytes | None:
+        """The bytes of the object a request names, or None (404). For ``head`` a blob
+        is only looked up (its bytes are not needed: a placeholder is returned)."""
         store = self.store
         if match.group("info"):
             return CacheInfo(str(store.store_dir), self.options.priority).to_bytes()
@@ -162,6 +163,8 @@ class StoreCacheServer:
             if not isinstance(found, tuple):
                 return None
             path, etype = found
+            if head:
+                return b""
             try:
                 if etype is EntryType.SYMLINK:
                     data = os.readlink(path)
@@ -208,7 +211,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path
         match = _ROUTES.fullmatch(path)
         try:
-            data = app.object(match) if match else None
+            data = app.object(match, head) if match else None
             if data is None and app.uploads is not None and match is not None:
                 key = path[1:]
                 if not key.startswith("mcid/") and app.uploads.exists(key):
