@@ -35,6 +35,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -299,22 +300,42 @@ class Realiser:
 
     # -- planning ------------------------------------------------------------------------
 
-    def plan(self, specs: Iterable[AppSpec]) -> BuildPlan:
+    def plan(self, specs: Iterable[AppSpec], *, jobs: int = 1) -> BuildPlan:
         """The derivation graph of ``specs``. An app whose source, dependencies or build
         system cannot be worked out gets an :class:`AppPlan` with ``error`` (the others
-        are planned regardless)."""
+        are planned regardless). The apps' own sources are fetched ``jobs`` at a time."""
+        specs = list(specs)
         nodes: dict[str, Node] = {}
         apps: dict[str, AppPlan] = {}
         lookup = package_lookup(self.fetcher.client, self.fetcher.hex_repos,
                                 policy=self.fetcher.policy)
         packages: dict[tuple[str, ...], str] = {}
         fingerprint = self.toolchain.fingerprint()
+        prefetched = self._prefetch(specs, jobs)
         for spec in specs:
             try:
-                apps[spec.name] = self._plan_app(spec, nodes, packages, lookup, fingerprint)
+                apps[spec.name] = self._plan_app(spec, nodes, packages, lookup, fingerprint,
+                                                 prefetched.get(spec.name))
             except BstoreError as exc:
                 apps[spec.name] = AppPlan(spec.name, spec.version, None, error=exc)
         return BuildPlan(nodes, apps)
+
+    def _prefetch(self, specs: list[AppSpec], jobs: int
+                  ) -> dict[str, FetchedSource | BstoreError]:
+        """Fetch the git and release sources of ``specs`` in parallel (remote fetches
+        dominate a cold plan); errors are kept for :meth:`_plan_app` to report."""
+        wanted = [s for s in specs if s.source.type in (SourceType.GIT, SourceType.RELEASE)]
+
+        def one(spec: AppSpec) -> FetchedSource | BstoreError:
+            try:
+                return self.fetcher.fetch(spec.source, name=spec.name, version=spec.version)
+            except BstoreError as exc:
+                return exc
+
+        if jobs <= 1 or len(wanted) <= 1:
+            return {s.name: one(s) for s in wanted}
+        with ThreadPoolExecutor(max_workers=min(jobs, len(wanted))) as pool:
+            return dict(zip([s.name for s in wanted], pool.map(one, wanted), strict=True))
 
     def _node(self, nodes: dict[str, Node], drv: Derivation, source: StorePath,
               deps: Iterable[str], app: str | None) -> str:
@@ -354,7 +375,8 @@ class Realiser:
 
     def _plan_app(self, spec: AppSpec, nodes: dict[str, Node],
                   packages: dict[tuple[str, ...], str], lookup: Any,
-                  fingerprint: Mapping[str, str]) -> AppPlan:
+                  fingerprint: Mapping[str, str],
+                  prefetched: FetchedSource | BstoreError | None = None) -> AppPlan:
         source = spec.source
         if source.type is SourceType.HEX:
             pinned = resolve(
@@ -363,7 +385,9 @@ class Realiser:
             key = self._plan_package(pinned.get(spec.name), pinned, nodes, packages,
                                      lookup, fingerprint, spec.name)
             return AppPlan(spec.name, spec.version, key, dict(nodes[key].drv.source), pinned)
-        fetched = self.fetcher.fetch(source, name=spec.name, version=spec.version)
+        if isinstance(prefetched, BstoreError):
+            raise prefetched
+        fetched = prefetched or self.fetcher.fetch(source, name=spec.name, version=spec.version)
         src_dir = self.store.real_path(fetched.path)
         if source.type is SourceType.RELEASE:
             drv = Derivation(name=spec.name, version=spec.version, builder="release",
@@ -546,4 +570,4 @@ class Realiser:
     def build(self, specs: Iterable[AppSpec], *, jobs: int = 1,
               keep_going: bool = False) -> BuildReport:
         """:meth:`plan` then :meth:`realise`."""
-        return self.realise(self.plan(specs), jobs=jobs, keep_going=keep_going)
+        return self.realise(self.plan(specs, jobs=jobs), jobs=jobs, keep_going=keep_going)
