@@ -1,4 +1,10 @@
-"""The command groups the top-level ``bstore`` command offers, one module each."""
+"""Which module defines each top-level ``bstore`` command, loaded only when used.
+
+Importing every command group costs a third of a second (pygit2, httpx, the builders),
+which every short command (``bstore store add``, ``store verify``) would pay; so the
+top-level group imports a command's modules only when that command runs. The table is
+checked against the modules by ``tests/cli/test_commands.py``, so it cannot drift.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +12,41 @@ import importlib
 
 import click
 
-#: Modules under ``bstore.cli`` that each define ``COMMANDS: list[click.Command]``.
-#: A module may also attach subcommands to a group another module defines.
-_MODULES = ["store", "store_transfer", "spec", "demo", "build", "generations", "cache", "node"]
+#: Top-level command → the ``bstore.cli`` modules to import for it. The first defines it
+#: (in its ``COMMANDS`` list); later ones attach subcommands to it.
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "store": ("store", "store_transfer", "cache"),
+    "spec": ("spec",),
+    "build": ("build",),
+    "log": ("build",),
+    "generations": ("generations",),
+    "rollback": ("generations",),
+    "diff": ("generations",),
+    "key": ("cache",),
+    "cache": ("cache",),
+    "copy": ("cache",),
+    "mesh": ("cache",),
+    "node": ("node",),
+    "demo": ("demo",),
+}
 
 
-def _load() -> list[click.Command]:
-    commands: list[click.Command] = []
-    for name in _MODULES:
-        module = importlib.import_module(f"bstore.cli.{name}")
-        commands.extend(getattr(module, "COMMANDS", []))
-    return commands
+def load_command(name: str) -> click.Command | None:
+    """Import the modules of command ``name`` and return it (None if unknown)."""
+    found: click.Command | None = None
+    for module_name in COMMAND_MODULES.get(name, ()):
+        module = importlib.import_module(f"bstore.cli.{module_name}")
+        for command in getattr(module, "COMMANDS", []):
+            if command.name == name:
+                found = command
+    return found
 
 
-GROUPS: list[click.Command] = _load()
+class LazyGroup(click.Group):
+    """A click group whose subcommands come from :data:`COMMAND_MODULES` on demand."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMAND_MODULES)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return load_command(cmd_name)

@@ -10,11 +10,12 @@ from pathlib import Path
 import click
 
 from bstore import __version__
+from bstore.cli.commands import LazyGroup
 from bstore.cli.context import AppContext, default_root
 from bstore.errors import BstoreError
 
 
-class _Group(click.Group):
+class _Group(LazyGroup):
     """Top-level group that turns :class:`BstoreError` into a message and exit code 1."""
 
     def invoke(self, ctx: click.Context) -> object:
@@ -48,17 +49,6 @@ def cli(ctx: click.Context, root: Path | None, as_json: bool, verbose: int) -> N
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     ctx.obj = AppContext(root=(root or default_root()).absolute(), json=as_json, verbose=verbose)
-
-
-def _register() -> None:
-    # Imported here so each command group stays one module that only knows its layer.
-    from bstore.cli import commands
-
-    for group in commands.GROUPS:
-        cli.add_command(group)
-
-
-_register()
 
 
 def main() -> None:
