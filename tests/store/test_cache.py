@@ -335,3 +335,18 @@ def test_cache_for_another_store_dir_is_refused(world: World, tmp_path: Path) ->
         subs = Substituters([f"file://{world.good}"], TRUSTED)
         assert not subs.substitute(st, world.app)
         assert "is for store dir" in " | ".join(subs.report.errors)
+
+
+def test_stalled_cache_is_skipped_for_later_paths(world: World, b_store: LocalStore) -> None:
+    with ObjectServer(world.good) as srv:
+        srv.behaviours[meta_key(world.app)] = "drip"
+        subs = Substituters([srv.url, f"file://{world.good}"], TRUSTED, policy=FAST)
+        try:
+            assert subs.substitute(b_store, world.app)
+            other = StorePath.parse("3" * 32 + "-nothing")
+            before = srv.sent
+            assert not subs.substitute(b_store, other)
+            assert srv.sent == before  # the slow cache was not asked again
+            assert [c.url for c in subs._ordered()] == [f"file://{world.good}"]
+        finally:
+            subs.close()

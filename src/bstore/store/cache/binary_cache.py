@@ -31,6 +31,7 @@ from bstore.store.cache.backend import (
     CacheError,
     CacheMissing,
     CachePolicy,
+    CacheUnavailable,
     HttpCache,
     open_backend,
 )
@@ -300,6 +301,12 @@ class Substituters:
         _log.warning("%s", message)
         self.report.errors.append(message)
 
+    def _maybe_down(self, cache: BinaryCache, exc: BstoreError) -> None:
+        # A cache that timed out or crawled once will likely do it again: skip it for
+        # a while instead of making every following path wait for its timeouts.
+        if isinstance(exc, CacheUnavailable):
+            self._down[cache.url] = self._clock() + self.policy.negative_ttl
+
     def _ordered(self) -> list[BinaryCache]:
         now = self._clock()
         usable: list[tuple[int, int, BinaryCache]] = []
@@ -328,6 +335,7 @@ class Substituters:
                 continue
             except BstoreError as exc:
                 self._error(f"{cache.url}: refusing {store.full_path(sp)}: {exc.message}")
+                self._maybe_down(cache, exc)
                 continue
             yield cache, meta
 
@@ -358,6 +366,7 @@ class Substituters:
                 except BstoreError as exc:
                     self._error(f"{cache.url}: cannot substitute {meta.full_path}:"
                                 f" {exc.message}")
+                    self._maybe_down(cache, exc)
                     continue
                 self.report.fetched.append((sp, cache.url))
                 self.report.local_files += stats.local_files
