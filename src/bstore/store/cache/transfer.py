@@ -26,8 +26,10 @@ from bstore.store.manifest import EntryType, Manifest, ManifestEntry, symlink_es
 
 #: Largest zstd window we decode (our writer uses far less); bigger frames are refused.
 MAX_WINDOW_SIZE = 1 << 23
-#: Compression level of blobs and manifests (fast; files are small and mostly .beam).
-LEVEL = 3
+#: Compression level of blobs and manifests. Measured on the OTP tree (3,535 files, one
+#: frame each): level 1 costs 0.19 s of CPU for 50.4 MiB, level 3 0.23 s for 49.1 MiB;
+#: small per-file frames gain little from higher levels, so the cheaper one wins.
+LEVEL = 1
 _READ = 1 << 20
 _EMPTY_BLAKE3 = blake3.blake3(b"").hexdigest()
 T = TypeVar("T")
