@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -33,9 +34,12 @@ from bstore.activators.cookie import resolve_cookie
 from bstore.activators.embedded import EmbeddedActivator
 from bstore.activators.plan import ActionKind, AppStatus
 from bstore.activators.vm import VmActivator, VmState
+from bstore.generations.generation import AppBuild, make_manifest
 from bstore.generations.manifest import GenerationManifest
-from bstore.specs.model import VmConfig
+from bstore.specs.model import AppSpec, IconSpec, SourceSpec, SourceType, VmConfig
+from bstore.specs.terms.model import Atom
 from bstore.store.local import LocalStore
+from bstore.store.paths import PathKind, StorePath
 
 pytestmark = [
     pytest.mark.integration,
@@ -216,6 +220,9 @@ def test_guest_crash_restarts_with_backoff_then_fails(
     wait_for(lambda: "beta: restarted" in sup.poll(), "the restart")
     second = vm_pid(host.vms, "beta")
     assert second != first
+    # Node down at the crash, up again once the new VM joined the cluster.
+    assert host.current_state()["beta"].reason == "node up"
+    assert sup.poll() == ["beta: node up"]
     assert read_state(work, "beta")[1] == 1
 
     # Host node, the embedded app and the other guest never noticed.
@@ -288,3 +295,61 @@ def test_vm_activator_refuses_embedded_apps(root: Path, agent_ebin: Path, store:
     g1 = gen(store, compiler, work, AppDef("alpha"))
     result = vms.apply(vms.plan(None, g1))
     assert "is not isolation vm; the vm activator only runs VMs" in result.failed["alpha"]
+
+
+def _release_output(store: LocalStore, compiler: AppCompiler, tmp: Path, work: Path
+                    ) -> StorePath:
+    """A release tree (as a release tarball unpacks) of app ``relapp``: lib/, and
+    releases/1.0.0/{start.boot, sys.config} made by systools with $RELEASE_LIB paths."""
+    tree = tmp / "rel"
+    lib = tree / "lib"
+    shutil.copytree(compiler.ebin("relapp", "1.0.0", 1), lib / "relapp-1.0.0" / "ebin")
+    rel_dir = tree / "releases" / "1.0.0"
+    rel_dir.mkdir(parents=True)
+    script = (
+        'R = code:root_dir(), '
+        'V = fun(A) -> application:load(A), {ok, Vsn} = application:get_key(A, vsn), Vsn end, '
+        'Rel = {release, {"relapp", "1.0.0"}, {erts, erlang:system_info(version)}, '
+        '[{kernel, V(kernel)}, {stdlib, V(stdlib)}, {relapp, "1.0.0"}]}, '
+        f'ok = file:write_file("{rel_dir}/start.rel", io_lib:format("~p.~n", [Rel])), '
+        f'case systools:make_script("{rel_dir}/start", [{{path, ["{lib}/*/ebin"]}}, '
+        f'{{outdir, "{rel_dir}"}}, {{variables, [{{"RELEASE_LIB", "{lib}"}}]}}, silent]) of '
+        '{ok, _, _} -> _ = R, halt(); E -> io:format("~p~n", [E]), halt(1) end.'
+    )
+    made = subprocess.run(["erl", "-noshell", "-eval", script], capture_output=True,
+                          text=True, timeout=60)
+    assert made.returncode == 0, made.stdout + made.stderr
+    (rel_dir / "sys.config").write_text(
+        f'[{{relapp, [{{from_sys_config, yes}}, {{dir, "{work}"}}]}}].\n')
+    (tree / "releases" / "start_erl.data").write_text("0 1.0.0\n")
+    with store.staging_dir("rel") as stage:
+        shutil.copytree(tree, stage / "out", symlinks=True)
+        out = store.register_tree(stage / "out", "relapp-1.0.0", kind=PathKind.OUTPUT,
+                                  hash_hex="ab" * 32, references=[])
+    # Only the store copy is left: the boot file must resolve $RELEASE_LIB to it.
+    shutil.rmtree(tree)
+    return out
+
+
+def test_release_runs_in_its_own_vm_from_its_boot_files(
+        host: EmbeddedActivator, store: LocalStore, work: Path, compiler: AppCompiler,
+        tmp_path: Path) -> None:
+    out = _release_output(store, compiler, tmp_path, work)
+    spec = AppSpec(name="relapp", version="1.0.0",
+                   source=SourceSpec(SourceType.RELEASE, url="https://example.invalid/r.tgz",
+                                     sha256="0" * 64),
+                   icon=IconSpec.identicon("relapp"))
+    manifest = make_manifest(store, [AppBuild(spec, out)])
+    result = host.apply(host.plan(None, manifest))
+    assert result.ok, result.to_json()
+    pid = vm_pid(host.vms, "relapp")
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    boot = str(store.real_path(out) / "releases" / "1.0.0" / "start").encode()
+    assert argv[argv.index(b"-boot") + 1] == boot
+    with host.vms.guest("relapp").client() as client:
+        # Started by the boot script, configured by the release's sys.config.
+        assert client.get_env_key("relapp", "from_sys_config") == Atom("yes")
+        assert client.node_info().node == "bstore_default_relapp@127.0.0.1"
+    with host.node.client() as client:
+        assert "relapp" not in {a.name for a in client.which_applications()}
+    assert read_state(work, "relapp")[1] == 1

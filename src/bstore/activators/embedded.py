@@ -58,7 +58,7 @@ from bstore.activators.nodeops import (
     write_managed,
 )
 from bstore.activators.plan import Action, AppStatus, RunningState, plan
-from bstore.activators.vm import VmActivator, host_node_name, node_environment
+from bstore.activators.vm import VmActivator, host_node_name, node_environment, runs_in_vm
 from bstore.errors import BstoreError
 from bstore.generations.manifest import AppEntry, GenerationManifest, dependency_order
 from bstore.specs.model import Isolation
@@ -148,8 +148,8 @@ class EmbeddedActivator(Activator):
             return BootResult(status)
         if manifest is None:
             manifest = load_current_generation(self.context.root, self.context.profile)
-        paths = [] if manifest is None else generation_ebins(self.store_dir, manifest,
-                                                             Isolation.EMBEDDED)
+        paths = [] if manifest is None else generation_ebins(
+            self.store_dir, manifest, lambda e: not runs_in_vm(e))
         status = self._start_node(paths)
         started: list[str] = []
         failed: dict[str, str] = {}
@@ -162,7 +162,7 @@ class EmbeddedActivator(Activator):
                         failed[name] = "a dependency failed to start"
                         continue
                     try:
-                        if entry.isolation is Isolation.VM:
+                        if runs_in_vm(entry):
                             self.vms.do_start(entry, manifest)
                         else:
                             start_app(client, [], entry)
@@ -219,8 +219,10 @@ class EmbeddedActivator(Activator):
         if self._new is None:
             raise ActivatorError("apply() without plan(): the activator needs the target"
                                  " generation", hint="call plan(old, new) first")
-        needs_host = any(a.isolation is Isolation.EMBEDDED
-                         or a.old_isolation is Isolation.EMBEDDED for a in actions)
+        new = self._new
+        needs_host = any(not self._old_in_vm(a) or (a.app in new.apps
+                                                    and not runs_in_vm(new.apps[a.app]))
+                         for a in actions)
         if not needs_host:
             return run_actions(self, actions, self._new, self._deadline, self.context.echo,
                                settle=self._settle)
@@ -260,7 +262,7 @@ class EmbeddedActivator(Activator):
         entry = manifest.apps.get(app) if manifest is not None else None
         if entry is None:
             return HealthResult(app, False, "not in the current generation")
-        if entry.isolation is Isolation.VM:
+        if runs_in_vm(entry):
             return self.vms.health_of(entry)
         if not self.node.status().running:
             return HealthResult(app, False, "host node not running")
@@ -281,7 +283,7 @@ class EmbeddedActivator(Activator):
 
     def probe(self, entry: AppEntry) -> HealthResult:
         """One health check of ``entry`` (in its node)."""
-        if entry.isolation is Isolation.VM:
+        if runs_in_vm(entry):
             return self.vms.probe(entry)
         return probe(entry.name, entry.health, self._host())
 
@@ -299,9 +301,18 @@ class EmbeddedActivator(Activator):
             return None
         return self.store_dir / rec.output / "lib" / f"{app}-{rec.version}" / "ebin"
 
+    def _old_in_vm(self, action: Action) -> bool:
+        """Whether the app of ``action`` ran in a VM before it (isolation vm or a release)."""
+        old = self._old.apps.get(action.app) if self._old is not None else None
+        if old is not None:
+            return runs_in_vm(old)
+        if (action.old_isolation or action.isolation) is Isolation.VM:
+            return True
+        return action.app in self.vms.known_apps()
+
     def do_start(self, entry: AppEntry) -> str:
         """Start ``entry`` in the host node (or its VM)."""
-        if entry.isolation is Isolation.VM:
+        if runs_in_vm(entry):
             return self.vms.do_start(entry, self._new)
         start_app(self._host(), closure_ebins(self.store_dir, self._new, entry), entry)
         self._record(entry, entry.name)
@@ -309,7 +320,7 @@ class EmbeddedActivator(Activator):
 
     def do_stop(self, action: Action) -> str:
         """Stop the app on the side it ran on."""
-        if (action.old_isolation or action.isolation) is Isolation.VM:
+        if self._old_in_vm(action):
             return self.vms.do_stop(action)
         stop_app(self._host(), action.app, self._old_ebin(action.app))
         self._record(None, action.app)
@@ -317,13 +328,13 @@ class EmbeddedActivator(Activator):
 
     def do_restart(self, action: Action, entry: AppEntry) -> str:
         """Stop the old side, start the new one (loading the new modules over the old)."""
-        old_vm = (action.old_isolation or action.isolation) is Isolation.VM
+        old_vm = self._old_in_vm(action)
         if old_vm:
             self.vms.do_stop(action)
         else:
             stop_app(self._host(), action.app, self._old_ebin(action.app))
             self._record(None, action.app)
-        if entry.isolation is Isolation.VM:
+        if runs_in_vm(entry):
             return "restarted: " + self.vms.do_start(entry, self._new)
         client = self._host()
         ebins = closure_ebins(self.store_dir, self._new, entry)
@@ -336,7 +347,7 @@ class EmbeddedActivator(Activator):
 
     def do_reload(self, action: Action, entry: AppEntry) -> str:
         """Reload the changed modules in place (restart if that fails)."""
-        if entry.isolation is Isolation.VM:
+        if runs_in_vm(entry):
             return self.vms.do_reload(action, entry)
         detail = reload_or_restart(self._host(), self.store_dir, action, entry,
                                    self._old_ebin(action.app),
@@ -346,7 +357,7 @@ class EmbeddedActivator(Activator):
 
     def do_reconfigure(self, action: Action, entry: AppEntry) -> str:
         """Change the app's env in place and run its ``config_change/3``."""
-        if entry.isolation is Isolation.VM:
+        if runs_in_vm(entry):
             return self.vms.do_reconfigure(action, entry)
         reconfigure_app(self._host(), action)
         return "reconfigured"

@@ -74,11 +74,11 @@ def closure_ebins(store_dir: Path, manifest: GenerationManifest | None,
 
 
 def generation_ebins(store_dir: Path, manifest: GenerationManifest,
-                     isolation: Isolation | None = None) -> list[Path]:
-    """Every ``ebin`` dir the apps of ``manifest`` (of one isolation, if given) need."""
+                     keep: Callable[[AppEntry], bool] | None = None) -> list[Path]:
+    """Every ``ebin`` dir the apps of ``manifest`` (those ``keep`` accepts) need."""
     seen: dict[Path, None] = {}
     for entry in manifest.apps.values():
-        if isolation is None or entry.isolation is isolation:
+        if keep is None or keep(entry):
             for d in closure_ebins(store_dir, manifest, entry):
                 seen.setdefault(d, None)
     return list(seen)

@@ -65,7 +65,7 @@ from bstore.activators.nodeops import (
 from bstore.activators.plan import Action, AppStatus, RunningState, plan
 from bstore.errors import BstoreError
 from bstore.generations.manifest import AppEntry, GenerationManifest, parse_manifest
-from bstore.specs.model import Isolation, valid_app_name
+from bstore.specs.model import Isolation, SourceType, valid_app_name
 from bstore.specs.terms.model import Atom
 
 #: Restarts allowed within WINDOW seconds before an app is failed.
@@ -85,6 +85,32 @@ DEFAULT_SETTLE = 0.3
 
 class VmError(BstoreError):
     """A guest VM that cannot be started, reached or stopped (names the app)."""
+
+
+def runs_in_vm(entry: AppEntry) -> bool:
+    """Whether ``entry`` runs in a VM of its own: ``isolation => vm``, or a ``release``
+    source (a release boots its own VM from its boot files)."""
+    return entry.isolation is Isolation.VM or entry.source.type is SourceType.RELEASE
+
+
+def release_boot(out_dir: Path) -> tuple[Path, Path | None] | None:
+    """``(boot file without .boot, sys.config or None)`` of the release tree ``out_dir``:
+    the version ``releases/start_erl.data`` names, else the only one with a ``start.boot``."""
+    releases = out_dir / "releases"
+    boot: Path | None = None
+    try:
+        fields = (releases / "start_erl.data").read_text(encoding="utf-8").split()
+        if len(fields) == 2 and (releases / fields[1] / "start.boot").is_file():
+            boot = releases / fields[1] / "start.boot"
+    except (OSError, UnicodeDecodeError):
+        pass
+    if boot is None:
+        found = sorted(releases.glob("*/start.boot"))
+        if len(found) != 1:
+            return None
+        boot = found[0]
+    config = boot.parent / "sys.config"
+    return boot.with_suffix(""), config if config.is_file() else None
 
 
 def host_node_name(profile: str, options: Mapping[str, str]) -> str:
@@ -192,10 +218,11 @@ class Guest:
 
     def running(self) -> bool:
         """Whether the recorded VM process is alive."""
-        if self.node.proc is not None:
-            # Reap our own child through Popen first, so its exit status is kept (the
-            # generic check would reap it and lose the status).
-            self.node.proc.poll()
+        proc = self.node.proc
+        if proc is not None:
+            # Our own child: Popen reaps it and keeps the exit status (the generic check
+            # would reap it too and lose the status). Unreaped, its pid cannot be reused.
+            return proc.poll() is None
         return self.node.status(timeout=5.0).running
 
     def client(self, timeout: float = 30.0) -> AgentClient:
@@ -286,8 +313,25 @@ class VmActivator(Activator):
             # Join the host node's cluster at boot (the connection is made by the kernel).
             args += ["-kernel", "sync_nodes_optional", f"['{self.host_node}']",
                      "-kernel", "sync_nodes_timeout", "10000"]
+        if entry.source.type is SourceType.RELEASE:
+            args += self._release_args(entry)
         if cfg is not None:
             args += list(cfg.extra_args)
+        return args
+
+    def _release_args(self, entry: AppEntry) -> list[str]:
+        """Boot a release from its own boot file and sys.config (not its ``bin/`` script,
+        which would put the cookie from ``vm.args`` on the command line). Paths in the boot
+        file under ``$RELEASE_LIB`` resolve to the release's ``lib/``."""
+        out = self.store_dir / str(entry.output)
+        found = release_boot(out)
+        if found is None:
+            raise VmError(f"release {entry.name!r}: no releases/<vsn>/start.boot under {out}",
+                          hint="a release tarball must hold its boot files (releases/)")
+        boot, config = found
+        args = ["-boot", str(boot), "-boot_var", "RELEASE_LIB", str(out / "lib")]
+        if config is not None:
+            args += ["-config", str(config)]
         return args
 
     def _host_running(self) -> bool:
@@ -521,30 +565,31 @@ class _VmOnly:
     def __init__(self, vms: VmActivator) -> None:
         self.vms = vms
 
-    def _check(self, isolation: Isolation | None, app: str) -> None:
-        if isolation is not Isolation.VM:
+    def _check(self, isolation: Isolation | None, app: str, entry: AppEntry | None = None
+               ) -> None:
+        if isolation is not Isolation.VM and (entry is None or not runs_in_vm(entry)):
             raise VmError(f"app {app!r} is not isolation vm; the vm activator only runs VMs",
                           hint="use the embedded activator, which runs both")
 
     def do_start(self, entry: AppEntry) -> str:
-        self._check(entry.isolation, entry.name)
+        self._check(entry.isolation, entry.name, entry)
         return self.vms.do_start(entry)
 
     def do_stop(self, action: Action) -> str:
-        self._check(action.old_isolation or action.isolation, action.app)
+        if action.app not in self.vms.known_apps():
+            self._check(action.old_isolation or action.isolation, action.app)
         return self.vms.do_stop(action)
 
     def do_restart(self, action: Action, entry: AppEntry) -> str:
-        self._check(entry.isolation, entry.name)
-        self._check(action.old_isolation or action.isolation, action.app)
+        self._check(entry.isolation, entry.name, entry)
         return self.vms.do_restart(action, entry)
 
     def do_reload(self, action: Action, entry: AppEntry) -> str:
-        self._check(entry.isolation, entry.name)
+        self._check(entry.isolation, entry.name, entry)
         return self.vms.do_reload(action, entry)
 
     def do_reconfigure(self, action: Action, entry: AppEntry) -> str:
-        self._check(entry.isolation, entry.name)
+        self._check(entry.isolation, entry.name, entry)
         return self.vms.do_reconfigure(action, entry)
 
     def probe(self, entry: AppEntry) -> HealthResult:
