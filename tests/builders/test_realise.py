@@ -259,6 +259,13 @@ def test_hex_app_spec_and_shared_dependency_nodes(world: World, tmp_path: Path) 
         store, realiser = world.realiser(tmp_path / "root", client)
         with store:
             plan = realiser.plan(specs)
+            report = realiser.realise(plan, jobs=2)
+            assert report.ok, report.to_json()
+            # The hex app's output is the package's own output, built once for both.
+            assert report.built.count("hexa_top-0.1.0") == 1
+            out = report.apps["hexa_top"].output
+            assert out is not None and out.endswith("-hexa_top-0.1.0")
+            assert (Path(out) / "lib/hexa_top-0.1.0/ebin/hexa_top.app").is_file()
     top = plan.apps["hexa_top"]
     assert top.key is not None and top.error is None
     # One node for hexa_top, used by both apps.

@@ -206,3 +206,17 @@ def test_ctrl_c_kills_running_builds(tmp_path: Path) -> None:
     with LocalStore.open(root) as store:
         assert [p.name for p in store.valid_paths()] == ["slowapp-1.0.0-source"]
     assert os.listdir(root / "tmp") == []
+
+
+def test_invalid_spec_fails_the_run_but_not_the_others(setup: dict[str, Path | str]) -> None:
+    apps = Path(setup["apps"])
+    (apps / "badspec").mkdir()
+    (apps / "badspec" / "app.json").write_text('{"name": "badspec", "version": 1}')
+    code, out, err = bstore(setup, "build", str(apps / "plainapp"), str(apps / "badspec"),
+                            "--json")
+    assert code == 1
+    report = json.loads(out)
+    assert report["ok"] is False
+    assert report["apps"]["plainapp"]["state"] == "built"
+    assert any("badspec" in p["file"] for p in report["problems"])
+    assert "badspec/app.json" in err

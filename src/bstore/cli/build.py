@@ -168,13 +168,13 @@ def build_cmd(app: AppContext, paths: tuple[Path, ...], jobs: int, keep_going: b
         data = report.to_json()
         data["invalid_specs"] = failed_specs
         data["problems"] = [p.to_dict() for p in problems]
-        data["ok"] = report.ok and not failed_specs
+        data["ok"] = report.ok and not failed_specs and not problems
         click.echo(json.dumps(data, indent=2, sort_keys=True))
     else:
         click.echo(_human(report))
         for name in failed_specs:
             click.echo(f"{name} invalid spec (see the errors above)")
-    if not report.ok or failed_specs:
+    if not report.ok or failed_specs or problems:
         if not as_json:
             for result in report.apps.values():
                 if result.state is AppState.FAILED and result.log:
