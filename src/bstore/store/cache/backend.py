@@ -127,9 +127,12 @@ class FileCache(CacheBackend):
     def __init__(self, directory: Path) -> None:
         super().__init__(f"file://{directory}")
         self.directory = directory
+        self._base = str(directory) + "/"
+        # Fan-out directories known to exist (thousands of blobs share 256 of them).
+        self._made: set[str] = set()
 
-    def _file(self, key: str) -> Path:
-        return self.directory / check_key(key)
+    def _file(self, key: str) -> str:
+        return self._base + check_key(key)
 
     def exists(self, key: str) -> bool:
         """Whether the object file exists."""
@@ -138,11 +141,19 @@ class FileCache(CacheBackend):
     def put(self, key: str, data: bytes) -> None:
         """Write to a temp file beside the object, then rename it into place."""
         path = self._file(key)
+        parent, _, name = path.rpartition("/")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-            with open(tmp, "xb") as handle:
-                handle.write(data)
+            if parent not in self._made:
+                os.makedirs(parent, exist_ok=True)
+                self._made.add(parent)
+            tmp = f"{parent}/.{name}.tmp-{secrets.token_hex(4)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
             raise CacheError(f"cannot write {self.where(key)}: {exc.strerror}") from exc
@@ -161,7 +172,10 @@ class FileCache(CacheBackend):
     def _chunks(self, fd: int, key: str, max_bytes: int) -> Iterator[bytes]:
         total = 0
         try:
-            while chunk := os.read(fd, 1 << 20):
+            # Read what the file holds (plus one byte to see the end) rather than a
+            # fixed 1 MiB: os.read allocates its whole buffer, per call, per blob.
+            want = min(os.fstat(fd).st_size, 1 << 20) + 1
+            while chunk := os.read(fd, want):
                 total += len(chunk)
                 if total > max_bytes:
                     raise _too_large(self.where(key), max_bytes)
