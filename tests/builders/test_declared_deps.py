@@ -117,3 +117,17 @@ def test_huge_build_file_refused(tmp_path: Path) -> None:
     (tmp_path / "rebar.config").write_bytes(b"%" * (2 << 20))
     with pytest.raises(DeclaredDepsError, match="larger than"):
         read_declared_deps(tmp_path, "rebar3")
+
+
+def test_mix_lock_stands_in_for_computed_deps(tmp_path: Path) -> None:
+    (tmp_path / "mix.exs").write_text(
+        "defmodule A do\n  defp deps, do: [{:jason, version()}]\nend\n")
+    with pytest.raises(DeclaredDepsError, match="not a plain literal"):
+        read_declared_deps(tmp_path, "mix")
+    (tmp_path / "mix.lock").write_text(
+        '%{\n  "jason": {:hex, :jason, "1.4.0", "abc", [:mix], [], "hexpm", "def"},\n'
+        '  "dep": {:git, "https://h/dep.git", "0123abc", [branch: "main"]},\n}\n')
+    got = read_declared_deps(tmp_path, "mix")
+    assert [(r.package, r.requirement, r.repository) for r in got.requested] == [
+        ("jason", "== 1.4.0", "hexpm")]
+    assert got.lock == {"jason": "1.4.0"}

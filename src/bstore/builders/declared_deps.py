@@ -7,7 +7,7 @@ rebar3     ``rebar.config``: ``{deps, [Name | {Name, Req} | {Name, {pkg, P}} |
            {Name, Req, {pkg, P}}]}`` (Erlang terms; profiles are ignored)
 mix        ``mix.exs``: the literal list of ``defp deps`` (or ``deps: [...]``);
            ``only:`` without ``:prod`` drops a dep, ``optional:``, ``hex:``, ``repo:``
-           are honoured
+           are honoured; when the list is computed, every Hex entry of ``mix.lock``
 make       erlang.mk ``Makefile``: ``DEPS``/``BUILD_DEPS`` with ``dep_<n> = hex <vsn> [pkg]``
 erlc       none
 =========  ===================================================================
@@ -76,8 +76,18 @@ def read_declared_deps(source_dir: Path, build_system: str, *,
         requested = _rebar_deps(source_dir / "rebar.config", where)
         lock = _lock(source_dir / "rebar.lock", where, parse_rebar_lock)
     elif build_system == "mix":
-        requested = _mix_deps(source_dir / "mix.exs", where)
         lock = _lock(source_dir / "mix.lock", where, parse_mix_lock)
+        try:
+            requested = _mix_deps(source_dir / "mix.exs", where)
+        except DeclaredDepsError:
+            if lock is None:
+                raise
+            # mix.exs computes its deps; the lock still names every Hex package it
+            # resolved to (dev/test-only ones included: built, never loaded).
+            requested = [Requested(e.package, f"== {e.version}", app=e.name,
+                                   repository=e.repository or "hexpm")
+                         for e in lock.entries
+                         if e.source == "hex" and e.package and e.version]
     elif build_system == "make":
         requested = _erlang_mk_deps(source_dir, where)
         lock = None
