@@ -283,3 +283,23 @@ def test_apply_without_plan_is_refused(act: EmbeddedActivator) -> None:
 
     with pytest.raises(ActivatorError, match="apply\\(\\) without plan\\(\\)"):
         act.apply([])
+
+
+def test_periodic_health_rounds(act: EmbeddedActivator, gens: Gens) -> None:
+    from bstore.activators.health import HealthSchedule
+
+    port = free_port()
+    g1 = gens(AppDef("alpha", env={"port": port},
+                     health=HealthSpec(HealthType.TCP, port=port, interval=1000)),
+              AppDef("beta"))
+    assert activate(act, None, g1)[1].ok
+    sched = HealthSchedule()
+    first = act.health_round(sched, now=100.0)
+    assert {r.app: r.healthy for r in first} == {"alpha": True, "beta": True}
+    assert act.health_round(sched, now=100.5) == []
+    with act.node.client() as client:
+        client.app_stop("beta")
+    assert [r.app for r in act.health_round(sched, now=101.0)] == ["alpha"]
+    later = act.health_round(sched, now=130.0)
+    assert {r.app: r.detail for r in later}["beta"] == "application is not running"
+    assert list(sched.unhealthy()) == ["beta"]

@@ -353,3 +353,27 @@ def test_release_runs_in_its_own_vm_from_its_boot_files(
     with host.node.client() as client:
         assert "relapp" not in {a.name for a in client.which_applications()}
     assert read_state(work, "relapp")[1] == 1
+
+
+def test_crash_loop_inside_a_vm_is_unhealthy_then_failed(
+        root: Path, agent_ebin: Path, epmd: Epmd, store: LocalStore, work: Path,
+        compiler: AppCompiler) -> None:
+    opts = {**OPTIONS, "distribution": "off", "health_timeout": "2", "health_settle": "0.5"}
+    vms = VmActivator(ActivatorContext(root, "default", opts), agent_ebin=agent_ebin)
+    try:
+        g1 = gen(store, compiler, work, AppDef("beta", env={"crash_after": 30},
+                                               vm=VmConfig()))
+        result = vms.apply(vms.plan(None, g1))
+        assert result.failed["beta"].startswith("unhealthy: not healthy within 2 s:")
+        assert "application is not running" in result.failed["beta"]
+        sup = vms.supervisor()
+        first = vm_pid(vms, "beta")
+        assert sup.poll() == [
+            "beta: died (application beta stopped in its VM); restart in 0.2 s"]
+        assert _zombie_or_gone(first)  # the VM without its app was stopped
+        wait_for(lambda: "beta: restarted" in sup.poll(), "the restart")
+        lines = wait_for(lambda: sup.poll(), "the second death")
+        assert lines == ["beta: failed after 2 crashes in 60 s: application beta stopped"
+                         " in its VM"], lines
+    finally:
+        vms.stop_all()

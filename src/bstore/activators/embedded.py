@@ -19,12 +19,17 @@ library applications are never mistaken for strays). Options (``ActivatorContext
 ``cookie``         the distribution cookie (else see :mod:`bstore.activators.cookie`)
 ``health_timeout`` seconds to wait for an app to become healthy after an action
                    (default: its health spec's timeout, 5 s without one)
+``health_settle``  a healthy probe counts once another one this many seconds later
+                   agrees (default 0.3: catches fast crash loops)
+``restart_*``      VM supervision: ``restart_burst``, ``restart_window``,
+                   ``restart_backoff`` (see :mod:`bstore.activators.vm`)
 =================  ===============================================================
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +45,7 @@ from bstore.activators.base import (
     ApplyResult,
     HealthResult,
 )
-from bstore.activators.health import probe
+from bstore.activators.health import HealthSchedule, probe
 from bstore.activators.hostnode import HostNode, HostNodeStatus
 from bstore.activators.nodeops import (
     ManagedApp,
@@ -189,6 +194,29 @@ class EmbeddedActivator(Activator):
                         + (f", failed: {dict(result.failed)}" if result.failed else "") + ")")
         done.extend(self.vms.supervisor().poll())
         return done
+
+    def health_round(self, schedule: HealthSchedule, now: float | None = None
+                     ) -> list[HealthResult]:
+        """The periodic checks (every ``interval`` of each app's health spec): watch the
+        current generation's apps in ``schedule``, check those due, record the results.
+        The long-lived process calls this in its loop; :meth:`HealthSchedule.unhealthy`
+        then says which apps to act on."""
+        at = time.monotonic() if now is None else now
+        manifest = self._new or load_current_generation(self.context.root,
+                                                        self.context.profile)
+        apps = {} if manifest is None else manifest.apps
+        for name in list(schedule.intervals):
+            if name not in apps:
+                schedule.forget(name)
+        for name, entry in apps.items():
+            if name not in schedule.intervals:
+                schedule.watch(name, entry.health, at)
+        results = []
+        for name in schedule.due(at):
+            result = self.health(name)
+            schedule.record(result, at)
+            results.append(result)
+        return results
 
     @contextlib.contextmanager
     def _connected(self) -> Iterator[AgentClient]:

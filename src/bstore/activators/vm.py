@@ -632,7 +632,13 @@ class Supervisor:
         if not state.desired or state.failed is not None:
             return None
         now = float(self.clock())
-        if guest.running():
+        forced: str | None = None
+        if guest.running() and not self._app_running(guest, app):
+            # The VM outlived its app (it crashed past its supervisor): a VM without
+            # its app is a crashed VM, so it is stopped and restarted like one.
+            guest.node.stop()
+            forced = f"application {app} stopped in its VM"
+        elif guest.running():
             entry = _read_entry(guest)
             if connected is not None and entry is not None:
                 up = self.vms.node_name(entry) in connected
@@ -644,7 +650,7 @@ class Supervisor:
                         return f"{app}: node {'up' if up else 'down'}"
             return None
         if state.restart_at is None:
-            reason = self.vms.death_reason(guest)
+            reason = forced or self.vms.death_reason(guest)
             state.last_exit = reason
             state.crashes = [t for t in state.crashes if now - t < self.vms.window] + [now]
             state.connected = False
@@ -666,6 +672,15 @@ class Supervisor:
                 return f"{app}: restart failed: {exc}"
             return f"{app}: restarted"
         return None
+
+    def _app_running(self, guest: Guest, app: str) -> bool:
+        """Whether ``app`` runs in its VM (True when the agent cannot be asked: an
+        unanswering agent is not evidence of a crash)."""
+        try:
+            with guest.client(5.0) as client:
+                return app in {a.name for a in client.which_applications()}
+        except AgentError:
+            return True
 
     def run(self, interval: float = 0.5) -> threading.Thread:
         """Poll every ``interval`` seconds in a daemon thread until :meth:`stop`."""
