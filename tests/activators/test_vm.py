@@ -165,6 +165,11 @@ def test_vm_app_in_its_own_vm(host: EmbeddedActivator, store: LocalStore, work: 
     assert not any(b"setcookie" in c for c in all_cmdlines())
     assert cookie.value not in host.vms.guest("beta").node.read_log()
     assert cookie.value not in host.node.read_log()
+    environ = dict(item.split(b"=", 1) for item in
+                   Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item)
+    assert environ[b"ERL_EPMD_ADDRESS"] == b"127.0.0.1"
+    assert environ[b"HOME"] == str(host.vms.guest("beta").directory / "home").encode()
+    assert cookie.value.encode() not in b"".join(environ.values())
 
     # Distribution (and everything else the nodes listen on) is on loopback only.
     for p in (pid, host.node.read_record().pid):  # type: ignore[union-attr]
