@@ -258,3 +258,26 @@ def test_output_path_with_deriver_round_trips(
         assert (info.kind, info.hash_hex, info.references) == (
             PathKind.OUTPUT, drv_hash, (p["erts"],))
         assert info.deriver is not None and info.deriver.endswith(str(p["other"]))
+
+
+def test_built_outputs_and_generations_round_trip(tmp_path: Path) -> None:
+    """An output registered with a derivation hash as deriver, and a generation whose
+    lib/ link leads into it, export and import like any other path."""
+    root = tmp_path / "root"
+    drv = "ab" * 32
+    with LocalStore.open(root) as st:
+        with st.staging_dir("out") as stage:
+            make_tree(stage / "o", {"lib/web-1.0/ebin/web.beam": b"\x00BEAM"})
+            out = st.register_tree(stage / "o", "web-1.0", kind=PathKind.OUTPUT,
+                                   hash_hex=drv, deriver=drv)
+        with st.staging_dir("gen") as stage:
+            (stage / "g" / "lib").mkdir(parents=True)
+            os.symlink(f"../../{out}/lib/web-1.0", stage / "g" / "lib" / "web-1.0")
+            gen = st.register_tree(stage / "g", "generation", kind=PathKind.GENERATION,
+                                   hash_hex="cd" * 32, references=[out])
+        data = export_bytes(st, [gen])
+    wipe(root)
+    with LocalStore.open(root) as fresh:
+        assert [r.path for r in import_stream(fresh, io.BytesIO(data))] == [out, gen]
+        assert fresh.query_info(out).deriver == drv
+        assert (fresh.real_path(gen) / "lib" / "web-1.0" / "ebin" / "web.beam").exists()

@@ -257,9 +257,7 @@ def write_path(writer: StreamWriter, meta: PathMeta, manifest: Manifest, root: P
 def path_meta(store: LocalStore, sp: StorePath) -> PathMeta:
     """The exportable metadata of the valid path ``sp``."""
     info = store.query_info(sp)
-    deriver = None
-    if info.deriver:
-        deriver = StorePath.parse(info.deriver.rpartition("/")[2])
+    deriver = info.deriver or None
     return PathMeta(
         store_dir=str(store.store_dir), path=sp, kind=info.kind, hash_hex=info.hash_hex,
         mcid=info.mcid, nar_size=info.nar_size, references=info.references,
@@ -389,7 +387,7 @@ def import_stream(store: LocalStore, raw: BinaryIO, *, source: str = "<stdin>",
             sp = store.register_tree(
                 item.tree, meta.path.name, kind=meta.kind, hash_hex=meta.hash_hex,
                 references=meta.references,
-                deriver=None if meta.deriver is None else str(meta.deriver),
+                deriver=meta.deriver,
                 expected_mcid=meta.mcid, signatures=meta.signatures,
             )
             if sp != meta.path:  # pragma: no cover - PathMeta and the store agree by design

@@ -29,6 +29,8 @@ from bstore.store.layout import StoreError
 from bstore.store.manifest import Mcid, validate_mcid
 from bstore.store.paths import PathKind, StorePath, make_store_path
 
+#: A derivation hash, a store path base name, or a full store path: no spaces or newlines.
+_DERIVER_RE = re.compile(r"[A-Za-z0-9+._:=/?-]{1,400}")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 #: Signatures are opaque here (``<key name>:<base64>`` once signing exists); they only
 #: must fit on one line of the block.
@@ -58,7 +60,8 @@ class PathMeta:
     mcid: Mcid
     nar_size: int
     references: tuple[StorePath, ...] = ()
-    deriver: StorePath | None = None
+    #: Opaque: what produced the path (the realiser records its derivation hash).
+    deriver: str | None = None
     signatures: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -71,6 +74,8 @@ class PathMeta:
             raise PathMetaError(f"{shown}: hash {self.hash_hex!r} is not 64 lowercase hex digits")
         if self.nar_size < 0:
             raise PathMetaError(f"{shown}: negative NarSize {self.nar_size}")
+        if self.deriver is not None and not _DERIVER_RE.fullmatch(self.deriver):
+            raise PathMetaError(f"{shown}: deriver {self.deriver[:80]!r} is not a derivation id")
         expected = make_store_path(self.kind, self.hash_hex, self.store_dir, self.path.name)
         if expected != self.path:
             raise PathMetaError(
@@ -173,7 +178,7 @@ class PathMeta:
                 mcid=Mcid(one("MCID")),
                 nar_size=int(one("NarSize")),
                 references=tuple(StorePath.parse(r) for r in refs.split(" ")) if refs else (),
-                deriver=StorePath.parse(deriver) if deriver else None,
+                deriver=deriver or None,
                 signatures=tuple(fields.get("Sig", ())),
             )
         except PathMetaError:

@@ -381,7 +381,7 @@ def repair_from_stream(store: LocalStore, report: VerifyReport, raw: BinaryIO, *
                 store.register_tree(
                     item.tree, meta.path.name, kind=meta.kind, hash_hex=meta.hash_hex,
                     references=meta.references,
-                    deriver=None if meta.deriver is None else str(meta.deriver),
+                    deriver=meta.deriver,
                     expected_mcid=meta.mcid, signatures=meta.signatures)
                 what = "re-registered from"
             fixed.add(meta.path)
