@@ -38,6 +38,8 @@ ENTRY_POINT_GROUP = "bstore.activators"
 #: package metadata is missing or stale.
 BUILTIN_ACTIVATORS: dict[str, str] = {
     "dry-run": "bstore.activators.dryrun:DryRunActivator",
+    "embedded": "bstore.activators.embedded:EmbeddedActivator",
+    "vm": "bstore.activators.vm:VmActivator",
 }
 
 
