@@ -28,6 +28,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "mesh": ("cache",),
     "node": ("node",),
     "demo": ("demo",),
+    "daemon": ("daemon",),
 }
 
 
