@@ -1,0 +1,664 @@
+"""One GitOps pass, and the manual operations, for one profile.
+
+:meth:`Reconciler.reconcile_once`: sync the repo → parse the tip's specs (a bad spec
+fails that app only; it keeps its previous generation entry if it had one) → plan
+against the active generation and what runs → realise what changed (in parallel) → a
+new generation recording the commit → activate → health within each spec's timeout →
+keep it, or roll back to the previous generation and **quarantine** the commit (in
+``quarantine.json``; not retried until the tip changes). A repo that cannot be reached,
+or a tip the policy refuses, leaves everything running and reports ``error``.
+
+The work is proportional to the change: a pass whose tip is the applied commit only
+fetches and checks what runs; specs are parsed again only for app directories whose
+git tree changed; apps whose version and source did not change keep their output
+(no realise).
+
+State under the profile's gitops directory (next to :mod:`.repo_sync`'s files)::
+
+    status.json        the Status (bstore status, the daemon and the API read it)
+    quarantine.json    the refused commit and why
+    reconciler.json    the last applied commit, manual operations not yet reverted
+    reconcile.lock     held for a pass or a manual operation (across processes)
+
+One lock (a per-directory thread lock plus ``flock`` on ``reconcile.lock``) makes
+manual and timed passes, and manual operations, run one at a time: a second caller
+waits, or with ``wait=False`` gets :class:`ReconcileBusy` ("reconcile already running").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bstore.activation import ActivationResult, BuildFn, BuildOutcome, Pipeline, realise_builder
+from bstore.activators.base import Activator, ActivatorContext, load_activator
+from bstore.activators.plan import AppStatus, RunningState
+from bstore.errors import BstoreError
+from bstore.events import EventBus, default_bus
+from bstore.generations.generation import AppBuild, load_generation
+from bstore.generations.manifest import AppEntry, GenerationManifest
+from bstore.gitops.config import Config
+from bstore.gitops.desired import (
+    SpecCache,
+    app_errors,
+    merge_manifest,
+    reuse_entry,
+    spec_from_entry,
+)
+from bstore.gitops.planner import BuildNeed, ChangeKind, ReconcilePlan, plan_reconcile
+from bstore.gitops.repo_sync import RepoSync, RepoSyncError, SyncResult
+from bstore.gitops.status import (
+    AppState,
+    State,
+    Status,
+    now_iso,
+    read_status,
+    write_json_atomic,
+    write_status,
+)
+from bstore.gitops.status import (
+    AppStatus as AppStatusLine,
+)
+from bstore.specs.model import AppSpec
+from bstore.store.local import LocalStore
+
+QUARANTINE_FILE = "quarantine.json"
+STATE_FILE = "reconciler.json"
+LOCK_FILE = "reconcile.lock"
+
+_THREAD_LOCKS: dict[Path, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+#: Per-app events, by plan kind (the seed's telemetry names).
+_KIND_EVENT = {ChangeKind.DEPLOY: "deploy", ChangeKind.UPGRADE: "upgrade",
+               ChangeKind.RESTART: "reconfigure", ChangeKind.RECONFIGURE: "reconfigure",
+               ChangeKind.UPDATE: "reconfigure", ChangeKind.REMOVE: "remove"}
+
+
+class ReconcileError(BstoreError):
+    """A manual operation or pass that cannot be done."""
+
+
+class ReconcileBusy(ReconcileError):
+    """Another pass or manual operation holds the lock."""
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    """What one pass did. ``state`` is the status state after it; ``commit`` the tip
+    seen (None when the repo could not be reached); ``skipped`` says why nothing was
+    applied (``"no change"``, ``"quarantined"``)."""
+
+    state: State
+    commit: str | None = None
+    changed: bool = False
+    plan: ReconcilePlan | None = None
+    activation: ActivationResult | None = None
+    error: str | None = None
+    quarantined: bool = False
+    skipped: str | None = None
+    built: tuple[str, ...] = ()
+    duration_ms: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Whether the pass ended synced (nothing failed)."""
+        return self.state is State.SYNCED
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"state": self.state.value, "ok": self.ok, "commit": self.commit,
+                "changed": self.changed, "error": self.error,
+                "quarantined": self.quarantined, "skipped": self.skipped,
+                "built": list(self.built), "duration_ms": round(self.duration_ms, 3),
+                "plan": self.plan.to_json() if self.plan else None,
+                "activation": self.activation.to_json() if self.activation else None}
+
+
+@dataclass
+class _Memo:
+    """Per-instance caches that make an unchanged pass cheap."""
+
+    manifest_path: str | None = None
+    manifest: GenerationManifest | None = None
+    idle_key: tuple[str | None, str | None] | None = None
+    specs: SpecCache = field(default_factory=SpecCache)
+
+
+class Reconciler:
+    """Reconciles one profile towards one repo (see the module docstring).
+
+    ``activator``: an :class:`Activator` instance (default: the configured one, loaded
+    when first needed); ``builder``: given the open store, how specs become outputs
+    (default: the realiser).
+    """
+
+    def __init__(self, config: Config, root: Path, *, activator: Activator | None = None,
+                 events: EventBus | None = None,
+                 builder: Callable[[LocalStore], BuildFn] | None = None,
+                 echo: Callable[[str], None] | None = None,
+                 log: Callable[[str], None] = lambda _m: None) -> None:
+        self.config = config
+        self.root = Path(root)
+        self.events = events or default_bus
+        self.echo = echo
+        self.log = log
+        self._activator = activator
+        self._builder = builder
+        self.gitops_dir = config.gitops_dir(self.root)
+        self.sync_ = RepoSync.from_config(config, self.root, events=self.events, log=log)
+        self._memo = _Memo()
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    @property
+    def activator(self) -> Activator:
+        """The activator (the configured one unless one was given)."""
+        if self._activator is None:
+            self._activator = load_activator(
+                self.config.activator,
+                ActivatorContext(self.root, self.config.profile, echo=self.echo))
+        return self._activator
+
+    @contextmanager
+    def locked(self, *, wait: bool = True) -> Iterator[None]:
+        """Hold the reconcile lock of this profile (threads and processes)."""
+        self.gitops_dir.mkdir(parents=True, exist_ok=True)
+        key = self.gitops_dir.resolve()
+        with _THREAD_LOCKS_GUARD:
+            tlock = _THREAD_LOCKS.setdefault(key, threading.Lock())
+        if not tlock.acquire(blocking=wait):
+            raise self._busy()
+        try:
+            fd = os.open(self.gitops_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                except OSError as exc:
+                    if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise self._busy() from exc
+                    raise
+                yield
+            finally:
+                os.close(fd)
+        finally:
+            tlock.release()
+
+    def _busy(self) -> ReconcileBusy:
+        return ReconcileBusy(
+            f"reconcile already running for profile {self.config.profile!r}"
+            f" ({self.gitops_dir / LOCK_FILE})",
+            hint="wait for it to finish; bstore status shows its result")
+
+    def _read_json(self, name: str) -> dict[str, Any]:
+        try:
+            data = json.loads((self.gitops_dir / name).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _state(self) -> dict[str, Any]:
+        return self._read_json(STATE_FILE)
+
+    def _save_state(self, state: Mapping[str, Any]) -> None:
+        write_json_atomic(self.gitops_dir / STATE_FILE, dict(state))
+
+    def quarantine(self) -> dict[str, Any] | None:
+        """The quarantined commit and why, if any."""
+        return self._read_json(QUARANTINE_FILE) or None
+
+    def _pipeline(self, store: LocalStore) -> Pipeline:
+        return Pipeline(store, self.config.profile, self.activator, events=self.events,
+                        echo=self.echo, health_timeout=self.config.health.timeout)
+
+    def _build_fn(self, store: LocalStore) -> BuildFn:
+        if self._builder is not None:
+            return self._builder(store)
+        repos = None
+        if self.config.hex_repositories:
+            from bstore.builders.hex.repos import HexRepo, Repos
+
+            repos = Repos([HexRepo(r.name, r.url, r.public_key)
+                           for r in self.config.hex_repositories])
+        return realise_builder(store, hex_repos=repos, events=self.events, log=self.log)
+
+    def _active(self, store: LocalStore, pipeline: Pipeline) -> GenerationManifest | None:
+        current = pipeline.profile.current()
+        if current is None:
+            return None
+        if self._memo.manifest_path != str(current.store_path):
+            self._memo.manifest = load_generation(store, current.store_path)
+            self._memo.manifest_path = str(current.store_path)
+        return self._memo.manifest
+
+    # -- reading -------------------------------------------------------------------------
+
+    def status(self) -> Status:
+        """The persisted status."""
+        return read_status(self.gitops_dir, self.config.profile)
+
+    def app_status(self, name: str) -> AppStatusLine:
+        """One app's persisted status."""
+        status = self.status()
+        if name not in status.apps:
+            raise ReconcileError(f"no app named {name!r} in the status of profile"
+                                 f" {self.config.profile!r}",
+                                 hint="bstore status lists the apps")
+        return status.apps[name]
+
+    def sync(self) -> SyncResult:
+        """Fetch and check the tip (no apply), under the lock."""
+        with self.locked():
+            return self.sync_.sync(self._last_applied(None))
+
+    def get_desired_state(self) -> dict[str, AppSpec]:
+        """The valid specs of the tip (syncs first)."""
+        synced = self.sync()
+        result = self._memo.specs.load(self.gitops_dir / "repo.git", synced.commit,
+                                       synced.checkout_dir, self.config.apps_dir)
+        return dict(result.specs)
+
+    def get_current_state(self) -> dict[str, RunningState]:
+        """What the activator sees running."""
+        return dict(self.activator.current_state())
+
+    def plan(self) -> ReconcilePlan:
+        """Sync, parse and plan without applying anything (``bstore plan``)."""
+        with self.locked(), LocalStore.open(self.root) as store:
+            pipeline = self._pipeline(store)
+            active = self._active(store, pipeline)
+            synced = self.sync_.sync(self._last_applied(active))
+            specs = self._memo.specs.load(self.gitops_dir / "repo.git", synced.commit,
+                                          synced.checkout_dir, self.config.apps_dir)
+            return plan_reconcile(
+                specs.specs, active, failed=app_errors(specs),
+                running=self.activator.current_state(), commit=synced.commit,
+                problems=[str(p) for p in specs.errors])
+
+    def _last_applied(self, active: GenerationManifest | None) -> str | None:
+        applied = self._state().get("applied")
+        if isinstance(applied, str):
+            return applied
+        return active.commit if active is not None else None
+
+    # -- the pass ------------------------------------------------------------------------
+
+    def reconcile_once(self, *, wait: bool = True, trigger: str = "manual"
+                       ) -> ReconcileResult:
+        """One pass (see the module docstring). Never raises for repo, spec, build or
+        activation failures: they are in the result and the status."""
+        with self.locked(wait=wait):
+            started = time.monotonic()
+            self.events.emit("bstore.reconcile.start", {"system_time": time.time()},
+                             profile=self.config.profile, trigger=trigger)
+            try:
+                result = self._pass()
+            except BstoreError as exc:
+                result = self._failed_pass(exc)
+            duration = (time.monotonic() - started) * 1000.0
+            result = ReconcileResult(**{**result.__dict__, "duration_ms": duration})
+            if result.error is not None and result.state is State.ERROR:
+                self.events.emit("bstore.reconcile.error", {"duration": duration},
+                                 profile=self.config.profile, error=result.error,
+                                 commit=result.commit, trigger=trigger)
+            else:
+                self.events.emit("bstore.reconcile.stop", {"duration": duration},
+                                 profile=self.config.profile, status=result.state.value,
+                                 commit=result.commit, changed=result.changed,
+                                 trigger=trigger)
+            return result
+
+    def _failed_pass(self, exc: BstoreError) -> ReconcileResult:
+        """Repo unreachable, commit refused, unusable checkout: nothing is touched."""
+        previous = self.status()
+        status = previous.with_(state=State.ERROR, error=exc.message,
+                                last_reconcile=now_iso(),
+                                profile=self.config.profile)
+        write_status(self.gitops_dir, status)
+        commit = getattr(exc, "commit", None)
+        return ReconcileResult(State.ERROR, commit if isinstance(commit, str) else None,
+                               error=exc.message)
+
+    def _pass(self) -> ReconcileResult:
+        with LocalStore.open(self.root) as store:
+            pipeline = self._pipeline(store)
+            pipeline.recover()
+            active = self._active(store, pipeline)
+            state = self._state()
+            last_applied = self._last_applied(active)
+            try:
+                synced = self.sync_.sync(last_applied)
+            except RepoSyncError as exc:
+                return self._failed_pass(exc)
+            tip = synced.commit
+            quarantine = self.quarantine()
+            current = pipeline.profile.current()
+            gen_key = (str(current.store_path) if current else None, tip)
+            manual = state.get("manual") or {}
+            running = self.activator.current_state()
+            if quarantine and quarantine.get("commit") == tip:
+                return self._idle(pipeline, active, running, tip, synced.changed,
+                                  skipped="quarantined", quarantine=quarantine)
+            if (self._memo.idle_key == gen_key and not manual and tip == last_applied
+                    and not _drifting(active, running)):
+                # The common case: nothing new, everything runs. No parse, no plan.
+                return self._idle(pipeline, active, running, tip, synced.changed,
+                                  skipped="no change")
+            specs = self._memo.specs.load(self.gitops_dir / "repo.git", tip,
+                                          synced.checkout_dir, self.config.apps_dir)
+            failed = app_errors(specs)
+            plan = plan_reconcile(specs.specs, active, failed=failed, running=running,
+                                  commit=tip, problems=[str(p) for p in specs.errors])
+            if not plan.needs_generation:
+                self._memo.idle_key = gen_key if not failed else None
+                self._finish_ok(tip, state, quarantine_clear=quarantine is not None)
+                return self._idle(pipeline, active, running, tip, synced.changed,
+                                  skipped="no change", plan=plan, failed=failed,
+                                  reverted=manual)
+            return self._apply(store, pipeline, active, plan, specs.specs, failed, tip,
+                               synced.changed, state, manual)
+
+    def _idle(self, pipeline: Pipeline, active: GenerationManifest | None,
+              running: Mapping[str, RunningState], tip: str, changed: bool, *,
+              skipped: str, quarantine: Mapping[str, Any] | None = None,
+              plan: ReconcilePlan | None = None, failed: Mapping[str, str] | None = None,
+              reverted: Mapping[str, Any] | None = None) -> ReconcileResult:
+        activation = None
+        if _drifting(active, running):
+            activation = pipeline.heal()
+            running = self.activator.current_state()
+        status = self._make_status(pipeline, active, running, tip, failed=failed or {},
+                                   quarantine=quarantine, activation=activation,
+                                   reverted=reverted)
+        write_status(self.gitops_dir, status)
+        return ReconcileResult(status.state, tip, changed, plan, activation,
+                               error=status.error, quarantined=quarantine is not None,
+                               skipped=skipped)
+
+    def _finish_ok(self, tip: str, state: Mapping[str, Any], *,
+                   quarantine_clear: bool) -> None:
+        if state.get("applied") != tip or state.get("manual"):
+            self._save_state({"applied": tip, "manual": {}})
+        if quarantine_clear:
+            with contextlib.suppress(FileNotFoundError):
+                (self.gitops_dir / QUARANTINE_FILE).unlink()
+
+    def _apply(self, store: LocalStore, pipeline: Pipeline,
+               active: GenerationManifest | None, plan: ReconcilePlan,
+               desired: Mapping[str, AppSpec], failed: dict[str, str], tip: str,
+               changed: bool, state: Mapping[str, Any],
+               manual: Mapping[str, Any]) -> ReconcileResult:
+        active_apps: Mapping[str, AppEntry] = active.apps if active is not None else {}
+        to_build = [desired[n] for n in plan.to_build]
+        outcome = pipeline.build(to_build, self._build_fn(store)) if to_build \
+            else BuildOutcome({})
+        for name, why in outcome.errors.items():
+            failed[name] = f"build failed: {why}"
+        kept: dict[str, AppEntry] = {}
+        built: list[AppBuild] = []
+        for change in plan.changes:
+            name = change.name
+            if change.kind is ChangeKind.REMOVE:
+                continue
+            if name in failed:
+                if name in active_apps:  # a failed app keeps what it had
+                    kept[name] = active_apps[name]
+                continue
+            if change.build is BuildNeed.REUSE:
+                kept[name] = reuse_entry(active_apps[name], desired[name], tip)
+            elif name in outcome.builds:
+                b = outcome.builds[name]
+                built.append(AppBuild(b.spec, b.output, b.resolved, tip))
+        _drop_orphans(kept, built, desired, failed)
+        manifest = merge_manifest(store, active, kept, built, commit=tip)
+        spans = self._app_events_start(plan, failed)
+        result = pipeline.activate_manifest(manifest)
+        if result.ok and result.reused and _drifting(manifest, self.activator.current_state()):
+            result = pipeline.heal()  # same content: no switch ran, so heal here
+        self._app_events_stop(spans, result)
+        quarantine = None
+        if result.ok:
+            self._finish_ok(tip, state, quarantine_clear=True)
+            self._memo.idle_key = None
+        else:
+            quarantine = {"commit": tip, "reason": result.error or "activation failed",
+                          "failed": dict(result.failed), "at": now_iso(),
+                          "generation": result.attempted,
+                          "rolled_back_to": result.rolled_back_to}
+            write_json_atomic(self.gitops_dir / QUARANTINE_FILE, quarantine)
+        new_active = self._active(store, pipeline)
+        running = self.activator.current_state()
+        status = self._make_status(pipeline, new_active, running, tip, failed=failed,
+                                   quarantine=quarantine, activation=result,
+                                   reverted=manual if result.ok else None)
+        write_status(self.gitops_dir, status)
+        return ReconcileResult(status.state, tip, changed, plan, result, error=status.error,
+                               quarantined=quarantine is not None,
+                               built=outcome.built)
+
+    def _app_events_start(self, plan: ReconcilePlan, failed: Mapping[str, str]
+                          ) -> list[tuple[str, str, float]]:
+        spans = []
+        for c in plan.changes:
+            event = _KIND_EVENT.get(c.kind)
+            if event is None or c.name in failed:
+                continue
+            meta: dict[str, Any] = {"app": c.name}
+            if event == "upgrade":
+                meta.update(from_version=c.from_version, to_version=c.to_version)
+            self.events.emit(f"bstore.{event}.start", {"system_time": time.time()}, **meta)
+            spans.append((event, c.name, time.monotonic()))
+        return spans
+
+    def _app_events_stop(self, spans: list[tuple[str, str, float]],
+                         result: ActivationResult) -> None:
+        for event, app, t0 in spans:
+            why = result.failed.get(app)
+            outcome = "ok" if result.ok else ("failed" if why else "rolled_back")
+            self.events.emit(f"bstore.{event}.stop", {"duration": (time.monotonic() - t0)
+                                                      * 1000.0},
+                             app=app, result=outcome, **({"error": why} if why else {}))
+
+    # -- status --------------------------------------------------------------------------
+
+    def _make_status(self, pipeline: Pipeline, active: GenerationManifest | None,
+                     running: Mapping[str, RunningState], tip: str | None, *,
+                     failed: Mapping[str, str], quarantine: Mapping[str, Any] | None,
+                     activation: ActivationResult | None,
+                     reverted: Mapping[str, Any] | None) -> Status:
+        previous = self.status()
+        current = pipeline.profile.current()
+        apps: dict[str, AppStatusLine] = {}
+        manual = self._state().get("manual") or {}
+        now = now_iso()
+        store = pipeline.store
+        health = activation.health if activation is not None else {}
+        act_failed = activation.failed if activation is not None else {}
+        for name, entry in (active.apps if active is not None else {}).items():
+            st = running.get(name)
+            app_state, healthy, reason = _observed(st)
+            if name in failed and name not in act_failed:
+                reason = failed[name]
+            if name in act_failed:
+                reason = act_failed[name]
+            check = health.get(name)
+            note = None
+            if name in manual:
+                note = (f"manual {manual[name].get('op', 'change')} at"
+                        f" {manual[name].get('at')}; the next reconcile reverts it to the"
+                        " repository")
+            elif reverted and name in reverted:
+                note = f"manual {reverted[name].get('op', 'change')} reverted by reconcile"
+            line = AppStatusLine(
+                name, entry.version, app_state, store_path=store.full_path(entry.output),
+                isolation=entry.isolation.value, node=self._node_of(entry),
+                healthy=check.healthy if check is not None else healthy,
+                health=check.detail if check is not None else None,
+                since=now, last_error=reason, note=note)
+            old = previous.apps.get(name)
+            if old is not None and (old.version, old.status) == (line.version, line.status):
+                line = AppStatusLine(**{**line.__dict__, "since": old.since})
+            apps[name] = line
+        for name, why in failed.items():
+            if name not in apps:
+                apps[name] = AppStatusLine(name, None, AppState.FAILED, since=now,
+                                           last_error=why)
+        notes = []
+        if reverted:
+            notes += [f"manual {v.get('op', 'change')} of {k} reverted to the repository"
+                      for k, v in sorted(reverted.items())]
+        for name in sorted(manual):
+            notes.append(f"{name}: manual {manual[name].get('op')} outside git; the next"
+                         " reconcile reverts it")
+        error = None
+        if quarantine:
+            error = (f"commit {str(quarantine.get('commit'))[:12]} quarantined:"
+                     f" {quarantine.get('reason')}")
+        elif failed:
+            error = "; ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
+        bad = any(a.status is not AppState.RUNNING or a.healthy is False
+                  for a in apps.values())
+        overall = State.DEGRADED if (quarantine or failed or bad) else State.SYNCED
+        applied = self._last_applied(active)
+        return Status(state=overall, profile=self.config.profile, last_commit=applied,
+                      tip_commit=tip, generation=current.number if current else None,
+                      last_reconcile=now,
+                      last_success=now if overall is State.SYNCED else previous.last_success,
+                      error=error, quarantine=quarantine, apps=apps, notes=tuple(notes))
+
+    def _node_of(self, entry: AppEntry) -> str | None:
+        activator = self._activator
+        if activator is None:
+            return None
+        vms = getattr(activator, "vms", None)
+        if entry.isolation.value == "vm" and vms is not None:
+            try:
+                return str(vms.node_name(entry))
+            except (BstoreError, AttributeError):
+                return None
+        node = getattr(activator, "node_name", None)
+        return node if isinstance(node, str) else None
+
+    # -- manual operations ---------------------------------------------------------------
+
+    def deploy(self, spec: AppSpec) -> ActivationResult:
+        """Build and run ``spec`` now, bypassing git (the next reconcile reverts it)."""
+        with self.events.span("bstore.deploy", app=spec.name, manual=True) as span:
+            result = self._manual("deploy", spec.name, lambda active: (spec, None))
+            span.set(result="ok" if result.ok else "failed")
+        return result
+
+    def upgrade(self, name: str, version: str) -> ActivationResult:
+        """Build and run ``name`` at ``version`` (same source, new version)."""
+        def change(active: GenerationManifest | None) -> tuple[AppSpec | None, str | None]:
+            entry = self._entry(active, name)
+            return spec_from_entry(entry, version=version), None
+
+        with self.events.span("bstore.upgrade", app=name, to_version=version,
+                              manual=True) as span:
+            result = self._manual("upgrade", name, change)
+            span.set(result="ok" if result.ok else "failed")
+        return result
+
+    def remove(self, name: str) -> ActivationResult:
+        """Stop ``name`` and drop it from the generation."""
+        def change(active: GenerationManifest | None) -> tuple[AppSpec | None, str | None]:
+            self._entry(active, name)
+            return None, name
+
+        with self.events.span("bstore.remove", app=name, manual=True) as span:
+            result = self._manual("remove", name, change)
+            span.set(result="ok" if result.ok else "failed")
+        return result
+
+    def _entry(self, active: GenerationManifest | None, name: str) -> AppEntry:
+        if active is None or name not in active.apps:
+            raise ReconcileError(f"app {name!r} is not deployed in profile"
+                                 f" {self.config.profile!r}",
+                                 hint="bstore status lists the deployed apps")
+        return active.apps[name]
+
+    def _manual(self, op: str,
+                name: str,
+                change: Callable[[GenerationManifest | None],
+                                 tuple[AppSpec | None, str | None]]) -> ActivationResult:
+        with self.locked(), LocalStore.open(self.root) as store:
+            pipeline = self._pipeline(store)
+            pipeline.recover()
+            active = self._active(store, pipeline)
+            spec, removed = change(active)
+            kept = {n: e for n, e in (active.apps if active else {}).items()
+                    if n != name}
+            built: list[AppBuild] = []
+            if spec is not None:
+                outcome = pipeline.build([spec], self._build_fn(store))
+                if spec.name not in outcome.builds:
+                    raise ReconcileError(
+                        f"cannot {op} {spec.name!r}: "
+                        f"{outcome.errors.get(spec.name, 'no output')}",
+                        hint=f"bstore log {spec.name} shows the build log")
+                built.append(outcome.builds[spec.name])
+            elif removed is None:
+                raise ReconcileError(f"nothing to {op}")
+            commit = active.commit if active is not None else None
+            manifest = merge_manifest(store, active, kept, built, commit=commit)
+            result = pipeline.activate_manifest(manifest)
+            if result.ok:
+                state = self._state()
+                manual = dict(state.get("manual") or {})
+                manual[name] = {"op": op, "at": now_iso()}
+                self._save_state({**state, "manual": manual})
+                self._memo.idle_key = None
+            new_active = self._active(store, pipeline)
+            status = self._make_status(pipeline, new_active, self.activator.current_state(),
+                                       self.status().tip_commit, failed={},
+                                       quarantine=self.quarantine(), activation=result,
+                                       reverted=None)
+            write_status(self.gitops_dir, status)
+            return result
+
+
+def _observed(state: RunningState | None) -> tuple[AppState, bool | None, str | None]:
+    if state is None:
+        return AppState.PENDING, None, None
+    mapping = {AppStatus.RUNNING: AppState.RUNNING, AppStatus.STARTING: AppState.STARTING,
+               AppStatus.STOPPED: AppState.STOPPED, AppStatus.FAILED: AppState.FAILED}
+    return mapping[state.status], state.healthy, state.reason
+
+
+def _drifting(active: GenerationManifest | None,
+              running: Mapping[str, RunningState]) -> bool:
+    """Whether what runs differs from what the active generation says should run."""
+    apps = active.apps if active is not None else {}
+    for name in apps:
+        st = running.get(name)
+        if st is None or st.status is not AppStatus.RUNNING or st.healthy is False:
+            return True
+    return any(n not in apps and s.status in (AppStatus.RUNNING, AppStatus.STARTING)
+               for n, s in running.items())
+
+
+def _drop_orphans(kept: dict[str, AppEntry], built: list[AppBuild],
+                  desired: Mapping[str, AppSpec], failed: dict[str, str]) -> None:
+    """Apps depending on a desired app that has no entry cannot start: fail them too."""
+    changed = True
+    while changed:
+        changed = False
+        present = set(kept) | {b.spec.name for b in built}
+        for b in list(built):
+            for dep in b.spec.depends_on:
+                if dep in desired and dep not in present:
+                    failed[b.spec.name] = f"dependency {dep!r} failed"
+                    built.remove(b)
+                    changed = True
+                    break
