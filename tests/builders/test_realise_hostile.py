@@ -14,7 +14,7 @@ import pytest
 import realise_helpers as rh
 import sample_apps
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
-from hexrepo import HexRepoBuilder
+from hexrepo import HexRepoBuilder, default_chain
 from localhttp import LocalServer
 
 from bstore.builders.download import DownloadPolicy
@@ -300,3 +300,26 @@ def test_a_failed_dependency_fails_its_dependents(
         report.raise_for_failure()
     assert caught.value.message == ("app 'userapp' has no output: userapp-1.0.0 not built:"
                                     " dependency badpkg-1.0.0 failed")
+
+
+def test_a_bad_hex_tarball_fails_the_app_once(
+        tmp_path: Path, hex_key: RSAPrivateKey, local_server: LocalServer) -> None:
+    builder = default_chain(HexRepoBuilder(hex_key, name="hexpm"))
+    builder.serve(local_server)
+    route = local_server.routes["/tarballs/hexa_leaf-1.1.0.tar"]
+    route.behaviour = "truncate"
+    repos = Repos([HexRepo("hexpm", local_server.base_url, builder.public_key_pem)])
+    user = sample_apps.erlc_app(tmp_path / "repos", "userapp")
+    (user / "rebar.config").write_text("{deps, [hexa_top]}.\n")
+    spec = rh.git_spec("userapp", "1.0.0", rh.git_repo(user), "main")
+    with httpx.Client(trust_env=False) as client, LocalStore.open(tmp_path / "root") as store:
+        fetcher = Fetcher(store, client, hex_repos=repos, policy=FAST_POLICY)
+        # jobs=2: the packages are fetched in parallel first; the failure is kept, not
+        # fetched a second time when the graph is built.
+        plan = Realiser(fetcher).plan([spec], jobs=2)
+        names = sorted(p.name for p in store.valid_paths())
+    error = plan.apps["userapp"].error
+    assert error is not None
+    assert "hexa_leaf-1.1.0.tar" in error.message and "truncated" in error.message
+    assert route.hits == FAST_POLICY.retries + 1
+    assert "hexa_leaf-1.1.0-source" not in names

@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,13 @@ from bstore.builders.declared_deps import read_declared_deps
 from bstore.builders.derivation import Derivation, canonical_json
 from bstore.builders.hex.registry import package_lookup
 from bstore.builders.hex.resolve import Requested, Resolution, Resolved, resolve
+from bstore.builders.report import (
+    AppResult,
+    AppState,
+    BuildReport,
+    Progress,
+    RealiseError,
+)
 from bstore.builders.sandbox import BuildError, Isolation, read_log_tail
 from bstore.builders.scheduler import JobState, SchedulerHooks, run_graph
 from bstore.builders.sources import FetchedSource, Fetcher
@@ -61,6 +67,7 @@ __all__ = [
     "BuildReport",
     "DerivationFailed",
     "Node",
+    "Progress",
     "RealiseError",
     "Realiser",
     "log_for",
@@ -70,10 +77,6 @@ __all__ = [
 DEFAULT_BUILD_TIMEOUT = 1800.0
 #: What every build sees on top of the sandbox's whitelist (recorded in the derivation).
 BUILD_ENV: Mapping[str, str] = {"MIX_ENV": "prod"}
-
-
-class RealiseError(BstoreError):
-    """An app that could not be planned or realised."""
 
 
 class DerivationFailed(RealiseError):
@@ -146,88 +149,6 @@ class BuildPlan:
         return sorted(seen, key=lambda k: self.nodes[k].label)
 
 
-class AppState(StrEnum):
-    """How an app ended in one ``realise``."""
-
-    BUILT = "built"
-    SKIPPED = "skipped"  # output already valid
-    FAILED = "failed"
-    DEPENDENCY_FAILED = "dependency-failed"
-    NOT_STARTED = "not-started"
-
-
-@dataclass(frozen=True)
-class AppResult:
-    """One app's outcome."""
-
-    name: str
-    version: str
-    state: AppState
-    output: str | None = None
-    derivation: str | None = None
-    error: str | None = None
-    hint: str | None = None
-    log: str | None = None
-    resolution: list[dict[str, Any]] | None = None
-    #: The error itself (a :class:`DerivationFailed` for a failed build), for callers
-    #: that want to raise it; not part of the JSON form.
-    exception: BaseException | None = field(default=None, compare=False, repr=False)
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready form (``bstore build --json``)."""
-        return {
-            "name": self.name, "version": self.version, "state": self.state.value,
-            "output": self.output, "derivation": self.derivation, "error": self.error,
-            "hint": self.hint, "log": self.log, "resolution": self.resolution,
-        }
-
-
-@dataclass(frozen=True)
-class BuildReport:
-    """What one realise did: per-app results, and which derivations were built,
-    skipped or failed (as output base names)."""
-
-    apps: Mapping[str, AppResult]
-    built: tuple[str, ...]
-    skipped: tuple[str, ...]
-    failed: tuple[str, ...]
-
-    @property
-    def ok(self) -> bool:
-        """Whether every app has its output."""
-        return all(a.state in (AppState.BUILT, AppState.SKIPPED) for a in self.apps.values())
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {
-            "ok": self.ok,
-            "apps": {name: app.to_json() for name, app in sorted(self.apps.items())},
-            "built": list(self.built), "skipped": list(self.skipped),
-            "failed": list(self.failed),
-        }
-
-    def raise_for_failure(self) -> None:
-        """Raise the error of the first app (by name) without an output, if any: a
-        :class:`DerivationFailed` naming the derivation and its log tail for a failed
-        build, else a :class:`RealiseError` saying why the app has no output."""
-        for name in sorted(self.apps):
-            app = self.apps[name]
-            if app.state in (AppState.BUILT, AppState.SKIPPED):
-                continue
-            if isinstance(app.exception, BstoreError):
-                raise app.exception
-            raise RealiseError(f"app {name!r} has no output: {app.error}", hint=app.hint)
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Callbacks for a live display (called from worker threads; keep them quick)."""
-
-    on_plan: Callable[[int], None] = lambda _n: None
-    on_start: Callable[[str], None] = lambda _label: None
-    on_finish: Callable[[str, str], None] = lambda _label, _state: None
-
-
 def _source_view(fetched: FetchedSource) -> dict[str, str]:
     """The source part of a derivation: what the content is, not where it came from
     (a mirror URL must not change the output path), plus the content-addressed path."""
@@ -297,6 +218,8 @@ class Realiser:
         #: Output base names built (compiled or copied) by this realiser, in order.
         self.builds: list[str] = []
         self._skipped: set[str] = set()
+        self._plan_jobs = 1
+        self._package_errors: dict[tuple[str, str, str], BstoreError] = {}
 
     # -- planning ------------------------------------------------------------------------
 
@@ -312,6 +235,8 @@ class Realiser:
         packages: dict[tuple[str, ...], str] = {}
         fingerprint = self.toolchain.fingerprint()
         prefetched = self._prefetch(specs, jobs)
+        self._plan_jobs = jobs
+        self._package_errors.clear()
         for spec in specs:
             try:
                 apps[spec.name] = self._plan_app(spec, nodes, packages, lookup, fingerprint,
@@ -337,6 +262,34 @@ class Realiser:
         with ThreadPoolExecutor(max_workers=min(jobs, len(wanted))) as pool:
             return dict(zip([s.name for s in wanted], pool.map(one, wanted), strict=True))
 
+    def _fetch_package(self, r: Resolved) -> FetchedSource:
+        failed = self._package_errors.get((r.repository, r.package, r.version))
+        if failed is not None:
+            raise failed
+        return self.fetcher.fetch(
+            SourceSpec(SourceType.HEX, ref=r.version, repo=r.repository),
+            name=r.package, version=r.version,
+            extra={"outer_checksum": r.outer_checksum or "", "inner_checksum": r.inner_checksum},
+        )
+
+    def _prefetch_packages(self, resolution: Resolution, jobs: int) -> None:
+        """Bring every package of ``resolution`` into the store, ``jobs`` at a time (the
+        graph is then built from the fetch cache, in order). Errors surface when the
+        package's node is planned."""
+        if jobs <= 1 or len(resolution.packages) <= 1:
+            return
+
+        def one(r: Resolved) -> None:
+            try:
+                self._fetch_package(r)
+            except BstoreError as exc:
+                # Raised again (not fetched twice) when the package's node is planned.
+                with self.lock:
+                    self._package_errors[(r.repository, r.package, r.version)] = exc
+
+        with ThreadPoolExecutor(max_workers=min(jobs, len(resolution.packages))) as pool:
+            list(pool.map(one, resolution.packages))
+
     def _node(self, nodes: dict[str, Node], drv: Derivation, source: StorePath,
               deps: Iterable[str], app: str | None) -> str:
         key = drv.hash_hex
@@ -358,11 +311,7 @@ class Realiser:
                 nodes[known.key] = Node(known.drv, known.out, known.source, known.deps,
                                         (*known.apps, app))
             return known.key
-        fetched = self.fetcher.fetch(
-            SourceSpec(SourceType.HEX, ref=r.version, repo=r.repository),
-            name=r.package, version=r.version,
-            extra={"outer_checksum": r.outer_checksum or "", "inner_checksum": r.inner_checksum},
-        )
+        fetched = self._fetch_package(r)
         builder = detect_build_system(self.store.real_path(fetched.path))
         drv = Derivation(
             name=r.app, version=r.version, builder=builder, source=_source_view(fetched),
@@ -400,6 +349,7 @@ class Realiser:
         dep_keys: list[str] = []
         if declared.requested:
             resolution = resolve(declared.requested, lookup, lock=declared.lock)
+            self._prefetch_packages(resolution, self._plan_jobs)
             dep_keys = [self._plan_package(r, resolution, nodes, packages, lookup,
                                            fingerprint, None)
                         for r in resolution.packages]
