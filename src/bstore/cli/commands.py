@@ -29,6 +29,14 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "node": ("node",),
     "demo": ("demo",),
     "daemon": ("daemon",),
+    "activate": ("activate",),
+    "reconcile": ("gitops",),
+    "sync": ("gitops",),
+    "plan": ("gitops",),
+    "status": ("gitops",),
+    "deploy": ("gitops",),
+    "remove": ("gitops",),
+    "upgrade": ("gitops",),
 }
 
 

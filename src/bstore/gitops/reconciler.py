@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,13 +224,14 @@ class Reconciler:
     def _build_fn(self, store: LocalStore) -> BuildFn:
         if self._builder is not None:
             return self._builder(store)
-        repos = None
-        if self.config.hex_repositories:
-            from bstore.builders.hex.repos import HexRepo, Repos
+        return realise_builder(store, hex_repos=self._hex_repos(), events=self.events,
+                               log=self.log)
 
-            repos = Repos([HexRepo(r.name, r.url, r.public_key)
-                           for r in self.config.hex_repositories])
-        return realise_builder(store, hex_repos=repos, events=self.events, log=self.log)
+    def _hex_repos(self) -> Any:
+        from bstore.builders.hex.repos import HexRepo, Repos
+
+        return Repos([HexRepo(r.name, r.url, r.public_key)
+                      for r in self.config.hex_repositories])
 
     def _active(self, store: LocalStore, pipeline: Pipeline) -> GenerationManifest | None:
         current = pipeline.profile.current()
@@ -272,18 +273,46 @@ class Reconciler:
         """What the activator sees running."""
         return dict(self.activator.current_state())
 
-    def plan(self) -> ReconcilePlan:
-        """Sync, parse and plan without applying anything (``bstore plan``)."""
+    def plan(self, *, check_store: bool = False) -> ReconcilePlan:
+        """Sync, parse and plan without applying anything (``bstore plan``). With
+        ``check_store``, the realiser plans the apps to build (fetching their sources) to
+        say which outputs are already in the store."""
         with self.locked(), LocalStore.open(self.root) as store:
             pipeline = self._pipeline(store)
             active = self._active(store, pipeline)
             synced = self.sync_.sync(self._last_applied(active))
             specs = self._memo.specs.load(self.gitops_dir / "repo.git", synced.commit,
                                           synced.checkout_dir, self.config.apps_dir)
-            return plan_reconcile(
+            plan = plan_reconcile(
                 specs.specs, active, failed=app_errors(specs),
                 running=self.activator.current_state(), commit=synced.commit,
                 problems=[str(p) for p in specs.errors])
+            if check_store and plan.to_build:
+                plan = self._annotate_store(store, plan, specs.specs)
+            return plan
+
+    def _annotate_store(self, store: LocalStore, plan: ReconcilePlan,
+                        desired: Mapping[str, AppSpec]) -> ReconcilePlan:
+        import httpx
+
+        from bstore.builders.realise import Realiser
+        from bstore.builders.sources import Fetcher
+
+        with httpx.Client(trust_env=False) as client:
+            realiser = Realiser(Fetcher(store, client, hex_repos=self._hex_repos(),
+                                        log=self.log), log=self.log)
+            built = realiser.plan([desired[n] for n in plan.to_build],
+                                  jobs=os.cpu_count() or 1)
+        changes = []
+        for c in plan.changes:
+            app = built.apps.get(c.name) if c.build is BuildNeed.BUILD else None
+            if app is not None and app.key is not None:
+                out = built.nodes[app.key].out
+                c = replace(c, in_store=store.is_valid(out), output=store.full_path(out))
+            elif app is not None and app.error is not None:
+                c = replace(c, error=app.error.message)
+            changes.append(c)
+        return replace(plan, changes=tuple(changes))
 
     def _last_applied(self, active: GenerationManifest | None) -> str | None:
         applied = self._state().get("applied")
