@@ -48,6 +48,39 @@ def app_files(**apps: str | None) -> dict[str, str | None]:
     return {f"apps/{name}/app.yaml": text for name, text in apps.items()}
 
 
+def erlc_git_app(root: Path, name: str, greeting: str = "hi") -> Path:
+    """A plain erlc OTP app (application callback + empty supervisor, so it is really
+    started) with ``<name>:greeting()``, committed in its own git repository."""
+    import subprocess
+
+    d = root / name
+    (d / "src").mkdir(parents=True)
+    (d / "src" / f"{name}.app.src").write_text(
+        f'{{application, {name}, [{{vsn, "0.0.0"}}, {{modules, []}}, {{registered, []}},\n'
+        f"  {{applications, [kernel, stdlib]}}, {{mod, {{{name}, []}}}}]}}.\n")
+    (d / "src" / f"{name}.erl").write_text(
+        f"-module({name}).\n-behaviour(application).\n-behaviour(supervisor).\n"
+        "-export([start/2, stop/1, init/1, greeting/0]).\n"
+        f"start(_T, _A) -> supervisor:start_link({{local, {name}_sup}}, ?MODULE, []).\n"
+        "stop(_S) -> ok.\n"
+        "init([]) -> {ok, {#{strategy => one_for_one}, []}}.\n"
+        f'greeting() -> "{greeting}".\n')
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid",
+           "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "HOME": str(d),
+           "PATH": "/usr/bin:/bin"}
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "v1"]):
+        subprocess.run(["git", "-C", str(d), *args], check=True, capture_output=True,
+                       env=env)
+    return d
+
+
+def git_spec_text(name: str, version: str, url: str, *, extra: str = "") -> str:
+    """An ``app.yaml`` whose source is the git repository at ``url`` (branch main)."""
+    return (f"name: {name}\nversion: '{version}'\n"
+            f"source: {{type: git, url: '{url}', ref: main}}\n{extra}")
+
+
 class FakeBuilder:
     """Registers a real OUTPUT path per spec (``lib/<name>-<vsn>/ebin/<name>.app`` and a
     stand-in ``.beam`` whose bytes depend on the version and source), like a build.

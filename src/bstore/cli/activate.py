@@ -9,6 +9,7 @@ to the previous generation and re-activates it.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -63,6 +64,8 @@ def activate_cmd(app: AppContext, apps_dir: Path | None, profile: str, activator
                  number: int | None, jobs: int | None, as_json: bool) -> None:
     """Build APPS_DIR (default ./apps), make it a generation and activate it."""
     as_json = as_json or app.json
+    if as_json:
+        app = replace(app, json=True)
     if number is not None and apps_dir is not None:
         raise BstoreError("give an apps directory or --generation N, not both",
                           hint="bstore activate apps/  or  bstore activate --generation 3")
