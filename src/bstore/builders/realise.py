@@ -58,6 +58,7 @@ from bstore.builders.sources import FetchedSource, Fetcher
 from bstore.builders.toolchain import Toolchain, detect_toolchain
 from bstore.errors import BstoreError
 from bstore.specs.model import AppSpec, SourceSpec, SourceType
+from bstore.store.cache.binary_cache import Substituters
 from bstore.store.paths import PathKind, StorePath
 
 __all__ = [
@@ -202,8 +203,12 @@ class Realiser:
                  timeout: float = DEFAULT_BUILD_TIMEOUT, isolation: Isolation | None = None,
                  cancel: threading.Event | None = None,
                  progress: Progress | None = None,
+                 substituters: Substituters | None = None,
                  log: Callable[[str], None] = lambda _m: None) -> None:
         self.fetcher = fetcher
+        #: Binary caches asked for an output before it is built (one object for the
+        #: whole run, so its negative-lookup cache and down-cache memory carry over).
+        self.substituters = substituters
         self.store = fetcher.store
         self.lock = fetcher.lock
         self.toolchain = toolchain or detect_toolchain()
@@ -218,6 +223,7 @@ class Realiser:
         #: Output base names built (compiled or copied) by this realiser, in order.
         self.builds: list[str] = []
         self._skipped: set[str] = set()
+        self._substituted: set[str] = set()
         self._plan_jobs = 1
         self._package_errors: dict[tuple[str, str, str], BstoreError] = {}
 
@@ -388,7 +394,8 @@ class Realiser:
         hooks: SchedulerHooks[str] = SchedulerHooks(
             on_start=lambda k: self.progress.on_start(labels[k]),
             on_finish=lambda k, s: self.progress.on_finish(
-                labels[k], "already valid" if k in self._skipped else s.value),
+                labels[k], "substituted" if k in self._substituted
+                else "already valid" if k in self._skipped else s.value),
         )
         outcomes = run_graph(graph, lambda k: self._realise_node(plan, k), jobs=jobs,
                              keep_going=keep_going, hooks=hooks)
@@ -397,10 +404,11 @@ class Realiser:
         skipped = tuple(labels[k] for k, o in outcomes.items() if o.state is JobState.DONE
                         and o.result == AppState.SKIPPED)
         failed = tuple(labels[k] for k, o in outcomes.items() if o.state is JobState.FAILED)
+        substituted = tuple(labels[k] for k in outcomes if k in self._substituted)
         results: dict[str, AppResult] = {}
         for name, app in plan.apps.items():
             results[name] = self._app_result(plan, app, outcomes)
-        return BuildReport(results, built, skipped, failed)
+        return BuildReport(results, built, skipped, failed, substituted)
 
     def _app_result(self, plan: BuildPlan, app: AppPlan, outcomes: Mapping[str, Any]
                     ) -> AppResult:
@@ -447,6 +455,13 @@ class Realiser:
                 self.store.add_temp_root(node.out)
                 self._link_logs(node)
                 self._skipped.add(key)
+                return AppState.SKIPPED
+            # A trusted cache that has the output (verified, signed) saves the build;
+            # cache trouble is never fatal, it only means we build.
+            if self.substituters is not None and self.substituters.substitute(
+                    self.store, node.out):
+                self._skipped.add(key)
+                self._substituted.add(key)
                 return AppState.SKIPPED
             # Inputs first: GC must not take them while we build against them.
             self.store.add_temp_root(node.source)

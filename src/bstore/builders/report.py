@@ -64,6 +64,8 @@ class BuildReport:
     built: tuple[str, ...]
     skipped: tuple[str, ...]
     failed: tuple[str, ...]
+    #: Outputs fetched from a binary cache instead of built (also in ``skipped``).
+    substituted: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -76,7 +78,7 @@ class BuildReport:
             "ok": self.ok,
             "apps": {name: app.to_json() for name, app in sorted(self.apps.items())},
             "built": list(self.built), "skipped": list(self.skipped),
-            "failed": list(self.failed),
+            "failed": list(self.failed), "substituted": list(self.substituted),
         }
 
     def raise_for_failure(self) -> None:

@@ -45,6 +45,7 @@ from bstore.builders.safe_tar import extract_archive
 from bstore.errors import BstoreError
 from bstore.specs.model import SourceSpec, SourceType
 from bstore.store.local import LocalStore
+from bstore.store.mesh import fetch_mcid
 from bstore.store.paths import InvalidStorePath, PathKind, StorePath
 
 __all__ = [
@@ -99,6 +100,8 @@ class Fetcher:
     log: Callable[[str], None] = lambda _m: None
     lock: threading.RLock = field(default_factory=threading.RLock)
     git: GitFetcher | None = None
+    #: Cache servers asked for ``mesh`` sources by content id (``Config.mesh_peers``).
+    mesh_peers: tuple[str, ...] = ()
     #: Identities fetched (not served from the cache) by this fetcher, in order.
     fetched: list[dict[str, str]] = field(default_factory=list)
 
@@ -180,6 +183,12 @@ class Fetcher:
         if hit is not None:
             return FetchedSource(identity, hit, fetched=False)
         label = f"{name}-{version}"
+        direct = strategy.fetch_into_store(self, identity, f"{label}-source")
+        if direct is not None:
+            self.remember(identity, direct)
+            with self.lock:
+                self.fetched.append(dict(identity))
+            return FetchedSource(identity, direct, fetched=True)
         with self.staging(f"src-{label}") as stage:
             work = stage / "fetch"
             work.mkdir()
@@ -200,6 +209,13 @@ class FetchStrategy(ABC):
     """One way of getting a source: identify → fetch → check → unpack."""
 
     source_type: SourceType
+
+    def fetch_into_store(self, fetcher: Fetcher, identity: Mapping[str, str],
+                         name: str) -> StorePath | None:
+        """Register the source straight in the store (a strategy whose transport
+        already verifies and registers, like mesh), or ``None`` to go through
+        fetch → check → unpack."""
+        return None
 
     @abstractmethod
     def identify(self, fetcher: Fetcher, source: SourceSpec, *, name: str, version: str,
@@ -327,10 +343,23 @@ class MeshStrategy(FetchStrategy):
         assert source.mcid is not None
         return {"type": "mesh", "mcid": source.mcid}
 
+    def fetch_into_store(self, fetcher: Fetcher, identity: Mapping[str, str],
+                         name: str) -> StorePath | None:
+        # The mesh transport checks every blob and the manifest against the MCID and
+        # registers the SOURCE path itself: nothing is left to unpack.
+        if not fetcher.mesh_peers:
+            self.fetch(fetcher, identity, Path())
+        with fetcher.lock:
+            sp, peer, _stats = fetch_mcid(fetcher.store, identity["mcid"],
+                                          fetcher.mesh_peers, name=name)
+            fetcher.store.add_temp_root(sp)
+        fetcher.log(f"mesh: {identity['mcid']} from {peer}")
+        return sp
+
     def fetch(self, fetcher: Fetcher, identity: Mapping[str, str], work: Path) -> Path:
         raise MeshUnavailable(
             f"cannot fetch mesh source {identity['mcid']}: no mesh peers configured",
-            hint="use a git, hex or release source until binary-cache peers are set up",
+            hint="set mesh_peers in bstore.toml (cache servers that answer by content id)",
         )
 
     def unpack(self, fetcher: Fetcher, identity: Mapping[str, str], artefact: Path,
