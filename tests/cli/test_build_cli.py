@@ -220,3 +220,32 @@ def test_invalid_spec_fails_the_run_but_not_the_others(setup: dict[str, Path | s
     assert report["apps"]["plainapp"]["state"] == "built"
     assert any("badspec" in p["file"] for p in report["problems"])
     assert "badspec/app.json" in err
+
+
+def test_build_substitutes_from_a_cache_given_on_the_command_line(tmp_path: Path) -> None:
+    """`bstore copy --to` on one host, `bstore build --substituter` on an empty one."""
+    project = rh.git_repo(sample_apps.erlc_app(tmp_path / "src", "plainapp"))
+    apps = tmp_path / "apps"
+    write_spec(apps, "plainapp", "1.0.0",
+               {"type": "git", "url": project.as_uri(), "ref": "main"})
+    root = tmp_path / "root"
+    runner = CliRunner()
+
+    def bstore(*args: str) -> dict[str, object]:
+        result = runner.invoke(cli, ["--root", str(root), "--json", *args])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+    first = bstore("build", str(apps))
+    out = first["apps"]["plainapp"]["output"]  # type: ignore[index]
+    key = bstore("key", "generate", "host-a", "--dir", str(tmp_path / "keys"))
+    cache = (tmp_path / "cache").as_uri()
+    bstore("copy", "--to", cache, "--key", str(tmp_path / "keys" / "host-a.secret"), out)
+    subprocess.run(["chmod", "-R", "u+w", str(root)], check=True)
+    subprocess.run(["rm", "-rf", str(root)], check=True)
+    public = key["public_key"] if "public_key" in key else key["public"]
+    second = bstore("build", str(apps), "--substituter", cache, "--trusted-key", str(public))
+    assert second["built"] == []
+    assert second["substituted"] == ["plainapp-1.0.0"]
+    with LocalStore.open(root) as store:
+        assert store.is_valid(store.parse_path(out))  # type: ignore[arg-type]

@@ -15,11 +15,13 @@ import httpx
 from bstore.builders.hex.repos import HexRepo, Repos
 from bstore.builders.realise import AppState, BuildReport, Progress, Realiser, log_for
 from bstore.builders.sources import Fetcher
-from bstore.cli.context import AppContext, pass_app
+from bstore.cli.context import AppContext, env_list, pass_app
 from bstore.errors import BstoreError
 from bstore.specs.directory import check_paths
 from bstore.specs.problems import Severity
+from bstore.store.cache.binary_cache import Substituters
 from bstore.store.local import LocalStore
+from bstore.store.signing import TrustedKeys
 
 
 class LiveProgress:
@@ -120,11 +122,21 @@ def _human(report: BuildReport) -> str:
               " file of its public key. Repeatable.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=1800.0, show_default=True,
               help="Seconds one build may take.")
+@click.option("--substituter", "substituters", multiple=True, metavar="URL",
+              help="A binary cache to take outputs from before building (repeatable;"
+              " default $BSTORE_SUBSTITUTERS).")
+@click.option("--trusted-key", "trusted_keys", multiple=True, metavar="NAME:KEY",
+              help="A public key whose signatures are trusted (repeatable;"
+              " default $BSTORE_TRUSTED_PUBLIC_KEYS).")
+@click.option("--mesh-peer", "mesh_peers", multiple=True, metavar="URL",
+              help="A peer asked for mesh sources by content id (repeatable;"
+              " default $BSTORE_MESH_PEERS).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 @pass_app
 def build_cmd(app: AppContext, paths: tuple[Path, ...], jobs: int, keep_going: bool,
               hex_repo: tuple[tuple[str, str, Path], ...], timeout: float,
-              as_json: bool) -> None:
+              substituters: tuple[str, ...], trusted_keys: tuple[str, ...],
+              mesh_peers: tuple[str, ...], as_json: bool) -> None:
     """Build app specs into the store and print each app's output path.
 
     PATHS are apps directories, app directories or spec files (default: ./apps if it
@@ -141,9 +153,14 @@ def build_cmd(app: AppContext, paths: tuple[Path, ...], jobs: int, keep_going: b
     progress = LiveProgress(live=app.interactive and not as_json)
     with LocalStore.open(app.root) as store, httpx.Client(trust_env=False) as client:
         fetcher = Fetcher(store, client, hex_repos=repos,
+                          mesh_peers=tuple(mesh_peers or env_list("BSTORE_MESH_PEERS")),
                           log=app.log if app.verbose else lambda _m: None)
         cancel = threading.Event()
+        caches = list(substituters or env_list("BSTORE_SUBSTITUTERS"))
+        subs = Substituters(caches, TrustedKeys.parse(
+            list(trusted_keys or env_list("BSTORE_TRUSTED_PUBLIC_KEYS")))) if caches else None
         realiser = Realiser(fetcher, timeout=timeout, progress=progress.hooks(), cancel=cancel,
+                            substituters=subs,
                             log=app.log if app.verbose else lambda _m: None)
         # Ctrl-C kills the running builds (their failures are reported, nothing half
         # built is registered); a second Ctrl-C interrupts bstore itself.
@@ -174,6 +191,9 @@ def build_cmd(app: AppContext, paths: tuple[Path, ...], jobs: int, keep_going: b
         click.echo(_human(report))
         for name in failed_specs:
             click.echo(f"{name} invalid spec (see the errors above)")
+    if subs is not None:
+        for error in subs.report.errors:
+            app.log(f"substituter: {error}")
     if not report.ok or failed_specs or problems:
         if not as_json:
             for result in report.apps.values():

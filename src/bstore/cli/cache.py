@@ -7,8 +7,6 @@ mesh peers from ``--peer`` or ``$BSTORE_MESH_PEERS``.
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import sys
 import threading
@@ -17,7 +15,7 @@ from types import FrameType
 
 import click
 
-from bstore.cli.context import AppContext, pass_app
+from bstore.cli.context import AppContext, env_list, pass_app
 from bstore.cli.store import human_size, store
 from bstore.errors import BstoreError
 from bstore.store.cache.backend import CachePolicy
@@ -34,10 +32,6 @@ from bstore.store.signing import (
     load_secret_key,
     write_key_pair,
 )
-
-
-def _env_list(name: str) -> list[str]:
-    return [item for item in re.split(r"[\s,]+", os.environ.get(name, "")) if item]
 
 
 def _policy(connect_timeout: float, read_timeout: float, min_rate: int) -> CachePolicy:
@@ -200,7 +194,7 @@ def copy_cmd(app: AppContext, paths: tuple[str, ...], to_url: str | None,
                  f" {report.blobs_uploaded} blobs, {human_size(report.bytes_uploaded)}")
         return
     assert from_url is not None
-    lines = list(trusted) or _env_list("BSTORE_TRUSTED_PUBLIC_KEYS")
+    lines = list(trusted) or env_list("BSTORE_TRUSTED_PUBLIC_KEYS")
     try:
         keys = TrustedKeys.parse(lines, threshold)
     except SigningKeyError as exc:
@@ -248,7 +242,7 @@ def mesh_fetch_cmd(app: AppContext, mcid: str, peers: tuple[str, ...], name: str
     """Fetch the tree with content id MCID from peers into the store; print its path."""
     policy = _policy(connect_timeout, read_timeout, min_rate)
     with LocalStore.open(app.root) as st:
-        sp, peer, stats = fetch_mcid(st, mcid, list(peers) or _env_list("BSTORE_MESH_PEERS"),
+        sp, peer, stats = fetch_mcid(st, mcid, list(peers) or env_list("BSTORE_MESH_PEERS"),
                                      name=name, policy=policy)
         full = st.full_path(sp)
     app.emit({"path": full, "mcid": mcid, "peer": peer,

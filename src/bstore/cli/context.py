@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,3 +50,8 @@ class AppContext:
 
 
 pass_app = click.make_pass_decorator(AppContext)
+
+
+def env_list(name: str) -> list[str]:
+    """A whitespace- or comma-separated list from environment variable ``name``."""
+    return [item for item in re.split(r"[\s,]+", os.environ.get(name, "")) if item]
