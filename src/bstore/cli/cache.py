@@ -16,7 +16,7 @@ from types import FrameType
 import click
 
 from bstore.cli.context import AppContext, env_list, pass_app
-from bstore.cli.store import human_size, store
+from bstore.cli.store import human_size
 from bstore.errors import BstoreError
 from bstore.store.cache.backend import CachePolicy
 from bstore.store.cache.binary_cache import BinaryCache, Substituters
@@ -27,7 +27,6 @@ from bstore.store.paths import StorePath
 from bstore.store.signing import (
     SigningKeyError,
     TrustedKeys,
-    fingerprint,
     generate_key,
     load_secret_key,
     write_key_pair,
@@ -76,26 +75,6 @@ def generate_cmd(app: AppContext, name: str, directory: Path | None) -> None:
               "public_file": str(public)}, line)
     if not app.json:
         app.log(f"secret key written to {secret} (mode 0600); trust the line above")
-
-
-@store.command("sign")
-@click.argument("paths", nargs=-1, required=True)
-@click.option("--key", "key_file", type=click.Path(path_type=Path), required=True,
-              help="Secret key file (from `bstore key generate`).")
-@pass_app
-def sign_cmd(app: AppContext, paths: tuple[str, ...], key_file: Path) -> None:
-    """Sign valid store paths (signatures are kept in the database)."""
-    key = load_secret_key(key_file)
-    out = []
-    with LocalStore.open(app.root, create=False) as st:
-        for text in paths:
-            sp = st.parse_path(text)
-            info = st.query_info(sp)
-            sig = key.sign(fingerprint(str(st.store_dir), sp, info.mcid, info.nar_size,
-                                       info.references))
-            st.add_signatures(sp, [sig])
-            out.append({"path": st.full_path(sp), "signature": sig})
-    app.emit(out, "\n".join(f"{o['path']} {o['signature']}" for o in out))
 
 
 # -- cache serve ---------------------------------------------------------------------------

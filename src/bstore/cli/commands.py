@@ -15,7 +15,7 @@ import click
 #: Top-level command → the ``bstore.cli`` modules to import for it. The first defines it
 #: (in its ``COMMANDS`` list); later ones attach subcommands to it.
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
-    "store": ("store", "store_transfer", "cache"),
+    "store": ("store", "store_transfer"),
     "spec": ("spec",),
     "build": ("build",),
     "log": ("build",),

@@ -1,4 +1,4 @@
-"""``bstore store export|import|verify``: moving and checking store contents."""
+"""``bstore store export|import|verify|sign``: moving, checking and signing store contents."""
 
 from __future__ import annotations
 
@@ -145,3 +145,25 @@ def verify_cmd(ctx: click.Context, app: AppContext, paths: tuple[str, ...],
 
 
 COMMANDS: list[click.Command] = []
+
+
+@store.command("sign")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--key", "key_file", type=click.Path(path_type=Path), required=True,
+              help="Secret key file (from `bstore key generate`).")
+@pass_app
+def sign_cmd(app: AppContext, paths: tuple[str, ...], key_file: Path) -> None:
+    """Sign valid store paths (signatures are kept in the database)."""
+    from bstore.store.signing import fingerprint, load_secret_key
+
+    key = load_secret_key(key_file)
+    out = []
+    with LocalStore.open(app.root, create=False) as st:
+        for text in paths:
+            sp = st.parse_path(text)
+            info = st.query_info(sp)
+            sig = key.sign(fingerprint(str(st.store_dir), sp, info.mcid, info.nar_size,
+                                       info.references))
+            st.add_signatures(sp, [sig])
+            out.append({"path": st.full_path(sp), "signature": sig})
+    app.emit(out, "\n".join(f"{o['path']} {o['signature']}" for o in out))
