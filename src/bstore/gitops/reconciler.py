@@ -45,7 +45,7 @@ from bstore.activators.base import Activator, ActivatorContext, load_activator
 from bstore.activators.plan import AppStatus, RunningState
 from bstore.errors import BstoreError
 from bstore.events import EventBus, default_bus
-from bstore.generations.generation import AppBuild, load_generation
+from bstore.generations.generation import AppBuild
 from bstore.generations.manifest import AppEntry, GenerationManifest
 from bstore.gitops.config import Config
 from bstore.gitops.desired import (
@@ -218,8 +218,11 @@ class Reconciler:
         return self._read_json(QUARANTINE_FILE) or None
 
     def _pipeline(self, store: LocalStore) -> Pipeline:
-        return Pipeline(store, self.config.profile, self.activator, events=self.events,
-                        echo=self.echo, health_timeout=self.config.health.timeout)
+        pipeline = Pipeline(store, self.config.profile, self.activator, events=self.events,
+                            echo=self.echo, health_timeout=self.config.health.timeout)
+        if self._memo.manifest is not None:
+            pipeline.remember(self._memo.manifest)
+        return pipeline
 
     def _build_fn(self, store: LocalStore) -> BuildFn:
         if self._builder is not None:
@@ -238,8 +241,9 @@ class Reconciler:
         if current is None:
             return None
         if self._memo.manifest_path != str(current.store_path):
-            self._memo.manifest = load_generation(store, current.store_path)
+            self._memo.manifest = pipeline.load_manifest(current)
             self._memo.manifest_path = str(current.store_path)
+            pipeline.remember(self._memo.manifest)
         return self._memo.manifest
 
     # -- reading -------------------------------------------------------------------------
