@@ -53,10 +53,12 @@ class FakeReconciler:
         self.gate: threading.Event | None = None  # set: a pass waits until it is set
         self.entered = threading.Event()
         self.rollbacks: list[int | None] = []
+        self.triggers: list[tuple[str, bool]] = []
         self.commit = "0" * 40
         self._lock = threading.Lock()
 
-    def reconcile_once(self) -> dict[str, Any]:
+    def reconcile_once(self, *, wait: bool = True, trigger: str = "manual") -> dict[str, Any]:
+        self.triggers.append((trigger, wait))
         with self._lock:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
@@ -182,6 +184,7 @@ def test_manual_pass_while_one_runs_is_refused_with_409_semantics(
     fake.gate.set()
     wait_for(lambda: d.status()["daemon"]["pass_running"] is None, "the pass to end")
     assert d.reconcile("manual")["ok"] is True
+    assert fake.triggers == [("timer", True), ("manual", False)]
     assert fake.max_active == 1
 
 
@@ -204,6 +207,7 @@ def test_webhook_wakes_the_loop_at_once(make_daemon: Any, fake: FakeReconciler) 
     assert answer["accepted"] and answer["queued"]
     wait_for(lambda: fake.passes == 2, "the webhook pass")
     assert d.status()["daemon"]["last_pass"]["trigger"] == "webhook"
+    assert fake.triggers[-1] == ("webhook", True)
 
 
 def test_suspend_stops_timed_passes_persists_and_resume_restarts(
@@ -245,7 +249,7 @@ def test_rollback_uses_the_reconciler_and_suspends(make_daemon: Any,
     d = make_daemon(fake)
     wait_for(lambda: fake.passes == 1, "the start-up pass")
     answer = d.rollback(2)
-    assert answer == {"rollback": {"from": 3, "to": 2}, "suspended": True}
+    assert answer == {"ok": True, "rollback": {"from": 3, "to": 2}, "suspended": True}
     assert fake.rollbacks == [2]
     assert "rolled back to generation 2" in d.status()["daemon"]["suspended"]["reason"]
 
@@ -344,7 +348,7 @@ from bstore.gitops.daemon import Daemon
 root = Path(sys.argv[1])
 class Rec:
     passes = 0
-    def reconcile_once(self):
+    def reconcile_once(self, *, wait=True, trigger="manual"):
         self.passes += 1
         (root / "passes").write_text(str(self.passes))
         time.sleep(float(sys.argv[2]))

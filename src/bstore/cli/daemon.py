@@ -9,6 +9,7 @@ loop or the API and exits 0 if it succeeded, 1 if not.
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -22,11 +23,23 @@ _QUIET_PREFIXES = ("bstore.reconcile.start", "bstore.deps.", "bstore.build.start
                    "bstore.git.clone_start", "bstore.mesh.", "bstore.code.")
 
 
-def describe_event(event: Event) -> str | None:
-    """A one-line human form of ``event`` (``None``: not worth a line)."""
+def describe_event(event: Event, verbose: bool = False) -> str | None:
+    """A one-line human form of ``event`` (``None``: not worth a line).
+
+    Unless ``verbose``, a pass that found nothing new says nothing: a daemon that checks
+    every minute for months should log what changed, not that nothing did."""
     name = event.name
-    if name.startswith(_QUIET_PREFIXES) or not name.startswith("bstore."):
+    if not name.startswith("bstore."):
         return None
+    if not verbose:
+        if name.startswith(_QUIET_PREFIXES):
+            return None
+        meta = event.metadata
+        if name == "bstore.git.pull" and meta.get("changed") is False:
+            return None
+        if name == "bstore.reconcile.stop" and meta.get("changed") is False \
+                and meta.get("status") in ("synced", "ok"):
+            return None
     if name.endswith((".start", "_start")) and name != "bstore.daemon.start":
         return None
     if name == "bstore.health.check" and event.metadata.get("result") in ("ok", "healthy"):
@@ -84,16 +97,33 @@ def daemon(app: AppContext, config_file: Path | None, once: bool, api_address: s
         "api_address": _address(api_address), "reconcile_interval": interval,
         "profile": profile, "activator": activator, "repo_url": repo_url})
     bus = EventBus()
+    verbose = app.verbose > 0
+    last: dict[str, str] = {}
 
     def show(event: Event) -> None:
-        line = describe_event(event)
-        if line is not None:
-            app.log(line)
+        line = describe_event(event, verbose=verbose)
+        if line is None:
+            return
+        # A pass that keeps failing the same way (a quarantined tip, an unreachable repo)
+        # says so once, not every interval.
+        if event.name.startswith("bstore.reconcile.") and not verbose:
+            body = re.sub(r" \d+ms$", "", line.split(" ", 1)[1])
+            if last.get("reconcile") == body:
+                return
+            last["reconcile"] = body
+        app.log(line)
+
+    def say(line: str) -> None:
+        if line.startswith("reconcile pass") and not verbose:
+            if last.get("pass") == line:
+                return
+            last["pass"] = line
+        app.log(line)
 
     bus.attach("*", show)
     secret = os.environ.get(webhook_secret_env) or None
     runner = Daemon(config, app.root, events=bus, api=not (once or no_api),
-                    webhook_secret=secret, log=app.log)
+                    webhook_secret=secret, log=say)
     if once:
         record = runner.run_once().to_dict()
         app.emit(record, f"pass {'ok' if record['ok'] else 'FAILED'}"

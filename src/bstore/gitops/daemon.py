@@ -92,8 +92,11 @@ class Suspended(Conflict):
 class ReconcilerLike(Protocol):
     """What the daemon needs of a reconciler (:class:`bstore.gitops.reconciler.Reconciler`)."""
 
-    def reconcile_once(self) -> Any:
-        """Run one pass; return its result."""
+    def reconcile_once(self, *, wait: bool = True, trigger: str = "manual") -> Any:
+        """Run one pass; return its result (with ``ok`` and ``error`` if it has them).
+
+        ``wait=False``: raise the reconciler's busy error instead of waiting for a pass
+        another process runs."""
 
     def status(self) -> Any:
         """The current status (a value with ``to_dict()``, a dataclass or a dict)."""
@@ -216,16 +219,42 @@ class PidLock:
             self._fd = None
 
 
-def _default_supervise(reconciler: object) -> Supervise | None:
-    """The supervision round of the reconciler's activator, if it has one."""
+def _is_busy(exc: BstoreError) -> bool:
+    """Whether ``exc`` is the reconciler's "another pass holds the lock" error."""
+    try:
+        from bstore.gitops.reconciler import ReconcileBusy as ReconcilerBusy
+    except ImportError:  # pragma: no cover - the reconciler ships with the daemon
+        return False
+    return isinstance(exc, ReconcilerBusy)
+
+
+def _default_supervise(reconciler: object, bus: EventBus) -> Supervise | None:
+    """The activator's supervision round (dead host node, dead VMs) and its periodic
+    health checks (each app at its spec's interval; results become events), if any."""
     activator = getattr(reconciler, "activator", None)
     once = getattr(activator, "supervise_once", None)
-    if callable(once):
-        return once  # type: ignore[no-any-return]
-    supervisor = getattr(activator, "supervisor", None)
-    if callable(supervisor):
-        return lambda: supervisor().poll()
-    return None
+    if not callable(once):
+        supervisor = getattr(activator, "supervisor", None)
+        once = (lambda: supervisor().poll()) if callable(supervisor) else None
+    health_round = getattr(activator, "health_round", None)
+    if once is None and not callable(health_round):
+        return None
+    from bstore.activators.health import HealthSchedule
+
+    schedule = HealthSchedule()
+
+    def supervise() -> list[str]:
+        lines: list[str] = list(once()) if once is not None else []
+        if callable(health_round):
+            for result in health_round(schedule):
+                bus.emit("bstore.health.check", app=result.app, periodic=True,
+                         result="healthy" if result.healthy else "unhealthy",
+                         detail=result.detail)
+                if not result.healthy:
+                    lines.append(f"{result.app}: unhealthy: {result.detail}")
+        return lines
+
+    return supervise
 
 
 class Daemon:
@@ -337,7 +366,7 @@ class Daemon:
                 self._handles.append(self.bus.attach(pattern, handler))
             reconciler = self.reconciler
             if self._supervise is None:
-                self._supervise = _default_supervise(reconciler)
+                self._supervise = _default_supervise(reconciler, self.bus)
         except BaseException:
             self._teardown()
             raise
@@ -467,20 +496,28 @@ class Daemon:
             result: Any = None
             error: str | None = None
             try:
-                result = self.reconciler.reconcile_once()
+                result = self.reconciler.reconcile_once(wait=wait, trigger=trigger)
             except BstoreError as exc:
+                if _is_busy(exc) and not wait:  # another process's pass (bstore reconcile)
+                    raise ReconcileBusy(exc.message, exc.hint) from exc
                 error = exc.message
             except Exception as exc:  # a bug in one pass must not end the loop
                 _log.exception("reconcile pass (%s) failed", trigger)
                 error = f"internal error: {type(exc).__name__}: {exc}"
+            if error is None and getattr(result, "error", None):
+                error = str(result.error)  # the pass ran but could not apply the tip
+            ok = error is None and bool(getattr(result, "ok", True))
             with self._state_lock:
                 self._passes += 1
                 record = PassRecord(self._passes, trigger, started,
-                                    time.monotonic() - clock, error is None, error, result)
+                                    time.monotonic() - clock, ok, error, result)
                 self._last = record
                 self._running = None
             if error is not None:
                 self._say(f"reconcile pass ({trigger}) failed: {error}")
+            elif not ok:
+                state = to_jsonable(getattr(result, "state", None))
+                self._say(f"reconcile pass ({trigger}) ended {state or 'not ok'}")
             return record
         finally:
             self._pass_lock.release()
@@ -577,14 +614,13 @@ class Daemon:
     # -- rollback ---------------------------------------------------------------------------
 
     def rollback(self, to: int | None = None) -> dict[str, Any]:
-        """Roll back and activate (no pass runs meanwhile), then suspend the loop."""
+        """Roll back and activate (no pass runs meanwhile), then suspend the loop so the
+        next pass does not re-apply the commit just left (``POST /resume`` to follow git)."""
         if not self._pass_lock.acquire(blocking=False):
             raise self._busy()
         try:
-            fn = self._rollback or getattr(self.reconciler, "rollback", None)
-            if fn is None:
-                raise DaemonError("this reconciler cannot roll back",
-                                  hint="use bstore rollback")
+            fn = self._rollback or getattr(self.reconciler, "rollback", None) \
+                or self._activate_generation
             try:
                 result = fn(to)
             except BstoreError as exc:
@@ -592,12 +628,50 @@ class Daemon:
 
                 if isinstance(exc, ProfileError):  # nothing to roll back to, no such N
                     raise Conflict(exc.message, exc.hint) from exc
+                if _is_busy(exc):
+                    raise ReconcileBusy(exc.message, exc.hint) from exc
                 raise
         finally:
             self._pass_lock.release()
-        target = "the previous generation" if to is None else f"generation {to}"
-        suspended = self.suspend(f"rolled back to {target} through the API")
-        return {"rollback": to_jsonable(result), "suspended": suspended["suspended"]}
+        ok = bool(getattr(result, "ok", True))
+        if ok:
+            target = "the previous generation" if to is None else f"generation {to}"
+            self.suspend(f"rolled back to {target} through the API")
+        return {"ok": ok, "rollback": to_jsonable(result), "suspended": self.suspended}
+
+    def _activate_generation(self, to: int | None) -> Any:
+        """Roll back with the activation pipeline, under the reconciler's lock: switch to
+        ``to`` (default: the generation before the current), activate, health-check; a
+        failure switches back (the result says so)."""
+        from contextlib import nullcontext
+
+        from bstore.activation import Pipeline
+        from bstore.generations.profiles import ProfileError
+        from bstore.store.local import LocalStore
+
+        locked = getattr(self.reconciler, "locked", None)
+        with locked(wait=False) if callable(locked) else nullcontext(), \
+                LocalStore.open(self.root, create=False) as store:
+            pipeline = Pipeline(store, self.config.profile,
+                                getattr(self.reconciler, "activator", None), events=self.bus,
+                                health_timeout=self.config.health.timeout)
+            pipeline.recover()
+            profile = pipeline.profile
+            if to is None:
+                current = profile.current_number()
+                to = None if current is None else profile.previous_number(current)
+                if to is None:
+                    raise ProfileError(
+                        f"profile {profile.name!r} has no generation before"
+                        f" {current if current is not None else 'none'} to roll back to",
+                        hint="GET /generations lists them")
+            else:
+                profile.get(to)  # a missing number is a ProfileError naming it
+            with self.bus.span("bstore.rollback", to_generation=to,
+                               from_generation=profile.current_number()) as span:
+                result = pipeline.activate_generation(to)
+                span.set(result="ok" if result.ok else "failed")
+            return result
 
     # -- reading ----------------------------------------------------------------------------
 
