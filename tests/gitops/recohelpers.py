@@ -13,9 +13,9 @@ import blake3
 from gitrepos import GitRemote
 
 from bstore.activation import BuildFn, BuildOutcome
-from bstore.activators.base import ActivatorContext, HealthResult
+from bstore.activators.base import ActivatorContext, ApplyResult, HealthResult
 from bstore.activators.dryrun import DryRunActivator
-from bstore.activators.plan import AppStatus, RunningState
+from bstore.activators.plan import Action, AppStatus, RunningState
 from bstore.events import Event, EventBus
 from bstore.generations.generation import AppBuild
 from bstore.gitops.config import Config
@@ -136,6 +136,12 @@ class TestActivator(DryRunActivator):
     def __init__(self, context: ActivatorContext) -> None:
         super().__init__(context, initial_state={})
         self.unhealthy: set[str] = set()
+        self.during_apply: Callable[[], None] | None = None
+
+    def apply(self, actions: Sequence[Action]) -> ApplyResult:
+        if self.during_apply is not None:
+            self.during_apply()
+        return super().apply(actions)
 
     def health(self, app: str) -> HealthResult:
         if app in self.unhealthy:

@@ -377,3 +377,33 @@ def test_plan_shows_actions_without_applying(world: World) -> None:
     assert plan.to_build == ["new", "web"] or sorted(plan.to_build) == ["new", "web"]
     assert world.versions() == {"web": "1.0.0", "db": "1.0.0"}
     assert "would restart: " in plan.render()
+
+
+def test_status_shows_upgrading_and_starting_during_activation(world: World) -> None:
+    world.push(app_files(web=spec_yaml("web")))
+    world.reconciler.reconcile_once()
+    seen = []
+    world.activator.during_apply = lambda: seen.append(read_status(world.reconciler.gitops_dir))
+    world.push(app_files(web=spec_yaml("web", "2.0.0"), new=spec_yaml("new")))
+    world.reconciler.reconcile_once()
+    during = seen[0]
+    assert during.apps["web"].status is AppState.UPGRADING
+    assert during.apps["web"].note == "upgrading to 2.0.0"
+    assert during.apps["new"].status is AppState.STARTING
+    after = read_status(world.reconciler.gitops_dir)
+    assert after.apps["web"].status is AppState.RUNNING and after.apps["web"].note is None
+
+
+def test_first_generation_failing_is_quarantined_then_a_fix_applies(world: World) -> None:
+    world.activator.unhealthy.add("web")
+    bad = world.push(app_files(web=spec_yaml("web", health_timeout=200)))
+    r = world.reconciler.reconcile_once()
+    assert r.quarantined and r.state is State.DEGRADED
+    assert world.versions() == {}  # the rollback stopped what the attempt started
+    q = json.loads((world.reconciler.gitops_dir / QUARANTINE_FILE).read_text())
+    assert q["commit"] == bad and q["rolled_back_to"] is None
+    world.activator.unhealthy.clear()
+    world.push(app_files(web=spec_yaml("web", "1.0.1", health_timeout=200)))
+    r2 = world.reconciler.reconcile_once()
+    assert r2.state is State.SYNCED, r2.to_json()
+    assert world.versions() == {"web": "1.0.1"}

@@ -68,8 +68,19 @@ _json_option = click.option("--json", "as_json", is_flag=True,
 
 
 def _run_reconcile(app: AppContext, config: Config, as_json: bool) -> None:
+    from bstore.events import default_bus
+
     app = _json_app(app, as_json)
-    result = _reconciler(app, config).reconcile_once(trigger="cli")
+    # Build progress on stderr (the realiser emits one event per derivation).
+    handle = default_bus.attach("bstore.build", lambda e: app.log(
+        f"  building {e.metadata.get('derivation')}" if e.name.endswith(".start") else
+        f"  {e.metadata.get('derivation')}: {e.metadata.get('result')}"
+        f" ({e.measurements.get('duration', 0) / 1000:.1f} s)")
+        if e.metadata.get("derivation") else None)
+    try:
+        result = _reconciler(app, config).reconcile_once(trigger="cli")
+    finally:
+        default_bus.detach(handle)
     status = _reconciler(app, config, quiet=True).status()
     lines = []
     if result.skipped:

@@ -322,7 +322,12 @@ class Reconciler:
         applied = self._state().get("applied")
         if isinstance(applied, str):
             return applied
-        return active.commit if active is not None else None
+        if active is None or active.commit is None:
+            return None
+        # A first generation that failed stays current (there is nothing to switch back
+        # to); its commit was never applied.
+        quarantined = (self.quarantine() or {}).get("commit")
+        return None if quarantined == active.commit else active.commit
 
     # -- the pass ------------------------------------------------------------------------
 
@@ -454,6 +459,7 @@ class Reconciler:
                 built.append(AppBuild(b.spec, b.output, b.resolved, tip))
         _drop_orphans(kept, built, desired, failed)
         manifest = merge_manifest(store, active, kept, built, commit=tip)
+        self._write_progress(pipeline, active, plan, failed, tip)
         spans = self._app_events_start(plan, failed)
         result = pipeline.activate_manifest(manifest)
         if result.ok and result.reused and _drifting(manifest, self.activator.current_state()):
@@ -478,6 +484,26 @@ class Reconciler:
         return ReconcileResult(status.state, tip, changed, plan, result, error=status.error,
                                quarantined=quarantine is not None,
                                built=outcome.built)
+
+    def _write_progress(self, pipeline: Pipeline, active: GenerationManifest | None,
+                        plan: ReconcilePlan, failed: Mapping[str, str], tip: str) -> None:
+        """Before activating: upgraded apps show ``upgrading``, new ones ``starting``, so
+        ``bstore status`` during a long activation says what is happening."""
+        previous = self.status()
+        apps = dict(previous.apps)
+        now = now_iso()
+        for c in plan.changes:
+            if c.name in failed:
+                continue
+            old = apps.get(c.name)
+            if c.kind in (ChangeKind.UPGRADE, ChangeKind.RESTART) and old is not None:
+                apps[c.name] = replace(old, status=AppState.UPGRADING, since=now,
+                                       note=f"upgrading to {c.to_version}")
+            elif c.kind is ChangeKind.DEPLOY:
+                apps[c.name] = AppStatusLine(c.name, c.to_version, AppState.STARTING,
+                                             since=now)
+        write_status(self.gitops_dir, previous.with_(
+            apps=apps, tip_commit=tip, profile=self.config.profile))
 
     def _app_events_start(self, plan: ReconcilePlan, failed: Mapping[str, str]
                           ) -> list[tuple[str, str, float]]:
