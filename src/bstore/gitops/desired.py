@@ -233,3 +233,19 @@ def _scan_code_path(store: LocalStore, kept: Mapping[str, AppEntry],
                     out.setdefault(parts[1].decode("utf-8", "replace"),
                                    f"{sp}/lib/{parts[1].decode('utf-8', 'replace')}")
     return out
+
+
+def drop_orphans(kept: dict[str, AppEntry], built: list[AppBuild],
+                  desired: Mapping[str, AppSpec], failed: dict[str, str]) -> None:
+    """Apps depending on a desired app that has no entry cannot start: fail them too."""
+    changed = True
+    while changed:
+        changed = False
+        present = set(kept) | {b.spec.name for b in built}
+        for b in list(built):
+            for dep in b.spec.depends_on:
+                if dep in desired and dep not in present:
+                    failed[b.spec.name] = f"dependency {dep!r} failed"
+                    built.remove(b)
+                    changed = True
+                    break

@@ -329,3 +329,15 @@ def plan_reconcile(desired: Mapping[str, AppSpec], active: GenerationManifest | 
             BuildNeed.REUSE if reuse else BuildNeed.BUILD,
             output=str(entry.output) if reuse and entry else None))
     return ReconcilePlan(commit, tuple(changes), tuple(problems))
+
+
+def drifting(active: GenerationManifest | None,
+             running: Mapping[str, RunningState]) -> bool:
+    """Whether what runs differs from what the active generation says should run."""
+    apps = active.apps if active is not None else {}
+    for name in apps:
+        st = running.get(name)
+        if st is None or st.status is not AppStatus.RUNNING or st.healthy is False:
+            return True
+    return any(n not in apps and s.status in (AppStatus.RUNNING, AppStatus.STARTING)
+               for n, s in running.items())

@@ -42,7 +42,7 @@ from typing import Any
 
 from bstore.activation import ActivationResult, BuildFn, BuildOutcome, Pipeline, realise_builder
 from bstore.activators.base import Activator, ActivatorContext, load_activator
-from bstore.activators.plan import AppStatus, RunningState
+from bstore.activators.plan import RunningState
 from bstore.errors import BstoreError
 from bstore.events import EventBus, default_bus
 from bstore.generations.generation import AppBuild
@@ -51,12 +51,20 @@ from bstore.gitops.config import Config
 from bstore.gitops.desired import (
     SpecCache,
     app_errors,
+    drop_orphans,
     merge_manifest,
     reuse_entry,
     spec_from_entry,
 )
-from bstore.gitops.planner import BuildNeed, ChangeKind, ReconcilePlan, plan_reconcile
+from bstore.gitops.planner import (
+    BuildNeed,
+    ChangeKind,
+    ReconcilePlan,
+    drifting,
+    plan_reconcile,
+)
 from bstore.gitops.repo_sync import RepoSync, RepoSyncError, SyncResult
+from bstore.gitops.report import PassView, compose_status
 from bstore.gitops.status import (
     AppState,
     State,
@@ -263,8 +271,9 @@ class Reconciler:
 
     def sync(self) -> SyncResult:
         """Fetch and check the tip (no apply), under the lock."""
-        with self.locked():
-            return self.sync_.sync(self._last_applied(None))
+        with self.locked(), LocalStore.open(self.root) as store:
+            active = self._active(store, self._pipeline(store))
+            return self.sync_.sync(self._last_applied(active))
 
     def get_desired_state(self) -> dict[str, AppSpec]:
         """The valid specs of the tip (syncs first)."""
@@ -344,7 +353,7 @@ class Reconciler:
             except BstoreError as exc:
                 result = self._failed_pass(exc)
             duration = (time.monotonic() - started) * 1000.0
-            result = ReconcileResult(**{**result.__dict__, "duration_ms": duration})
+            result = replace(result, duration_ms=duration)
             if result.error is not None and result.state is State.ERROR:
                 self.events.emit("bstore.reconcile.error", {"duration": duration},
                                  profile=self.config.profile, error=result.error,
@@ -388,7 +397,7 @@ class Reconciler:
                 return self._idle(pipeline, active, running, tip, synced.changed,
                                   skipped="quarantined", quarantine=quarantine)
             if (self._memo.idle_key == gen_key and not manual and tip == last_applied
-                    and not _drifting(active, running)):
+                    and not drifting(active, running)):
                 # The common case: nothing new, everything runs. No parse, no plan.
                 return self._idle(pipeline, active, running, tip, synced.changed,
                                   skipped="no change")
@@ -412,7 +421,7 @@ class Reconciler:
               plan: ReconcilePlan | None = None, failed: Mapping[str, str] | None = None,
               reverted: Mapping[str, Any] | None = None) -> ReconcileResult:
         activation = None
-        if _drifting(active, running):
+        if drifting(active, running):
             activation = pipeline.heal()
             running = self.activator.current_state()
         status = self._make_status(pipeline, active, running, tip, failed=failed or {},
@@ -457,12 +466,12 @@ class Reconciler:
             elif name in outcome.builds:
                 b = outcome.builds[name]
                 built.append(AppBuild(b.spec, b.output, b.resolved, tip))
-        _drop_orphans(kept, built, desired, failed)
+        drop_orphans(kept, built, desired, failed)
         manifest = merge_manifest(store, active, kept, built, commit=tip)
         self._write_progress(pipeline, active, plan, failed, tip)
         spans = self._app_events_start(plan, failed)
         result = pipeline.activate_manifest(manifest)
-        if result.ok and result.reused and _drifting(manifest, self.activator.current_state()):
+        if result.ok and result.reused and drifting(manifest, self.activator.current_state()):
             result = pipeline.heal()  # same content: no switch ran, so heal here
         self._app_events_stop(spans, result)
         quarantine = None
@@ -535,65 +544,16 @@ class Reconciler:
                      failed: Mapping[str, str], quarantine: Mapping[str, Any] | None,
                      activation: ActivationResult | None,
                      reverted: Mapping[str, Any] | None) -> Status:
-        previous = self.status()
         current = pipeline.profile.current()
-        apps: dict[str, AppStatusLine] = {}
-        manual = self._state().get("manual") or {}
-        now = now_iso()
-        store = pipeline.store
-        health = activation.health if activation is not None else {}
-        act_failed = activation.failed if activation is not None else {}
-        for name, entry in (active.apps if active is not None else {}).items():
-            st = running.get(name)
-            app_state, healthy, reason = _observed(st)
-            if name in failed and name not in act_failed:
-                reason = failed[name]
-            if name in act_failed:
-                reason = act_failed[name]
-            check = health.get(name)
-            note = None
-            if name in manual:
-                note = (f"manual {manual[name].get('op', 'change')} at"
-                        f" {manual[name].get('at')}; the next reconcile reverts it to the"
-                        " repository")
-            elif reverted and name in reverted:
-                note = f"manual {reverted[name].get('op', 'change')} reverted by reconcile"
-            line = AppStatusLine(
-                name, entry.version, app_state, store_path=store.full_path(entry.output),
-                isolation=entry.isolation.value, node=self._node_of(entry),
-                healthy=check.healthy if check is not None else healthy,
-                health=check.detail if check is not None else None,
-                since=now, last_error=reason, note=note)
-            old = previous.apps.get(name)
-            if old is not None and (old.version, old.status) == (line.version, line.status):
-                line = AppStatusLine(**{**line.__dict__, "since": old.since})
-            apps[name] = line
-        for name, why in failed.items():
-            if name not in apps:
-                apps[name] = AppStatusLine(name, None, AppState.FAILED, since=now,
-                                           last_error=why)
-        notes = []
-        if reverted:
-            notes += [f"manual {v.get('op', 'change')} of {k} reverted to the repository"
-                      for k, v in sorted(reverted.items())]
-        for name in sorted(manual):
-            notes.append(f"{name}: manual {manual[name].get('op')} outside git; the next"
-                         " reconcile reverts it")
-        error = None
-        if quarantine:
-            error = (f"commit {str(quarantine.get('commit'))[:12]} quarantined:"
-                     f" {quarantine.get('reason')}")
-        elif failed:
-            error = "; ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
-        bad = any(a.status is not AppState.RUNNING or a.healthy is False
-                  for a in apps.values())
-        overall = State.DEGRADED if (quarantine or failed or bad) else State.SYNCED
-        applied = self._last_applied(active)
-        return Status(state=overall, profile=self.config.profile, last_commit=applied,
-                      tip_commit=tip, generation=current.number if current else None,
-                      last_reconcile=now,
-                      last_success=now if overall is State.SYNCED else previous.last_success,
-                      error=error, quarantine=quarantine, apps=apps, notes=tuple(notes))
+        return compose_status(
+            PassView(profile=self.config.profile, active=active, running=running,
+                     tip=tip, applied=self._last_applied(active),
+                     generation=current.number if current else None, failed=failed,
+                     quarantine=quarantine,
+                     health=activation.health if activation is not None else {},
+                     activation_failed=activation.failed if activation is not None else {},
+                     manual=self._state().get("manual") or {}, reverted=reverted or {}),
+            self.status(), full_path=pipeline.store.full_path, node_of=self._node_of)
 
     def _node_of(self, entry: AppEntry) -> str | None:
         activator = self._activator
@@ -685,39 +645,3 @@ class Reconciler:
                                        reverted=None)
             write_status(self.gitops_dir, status)
             return result
-
-
-def _observed(state: RunningState | None) -> tuple[AppState, bool | None, str | None]:
-    if state is None:
-        return AppState.PENDING, None, None
-    mapping = {AppStatus.RUNNING: AppState.RUNNING, AppStatus.STARTING: AppState.STARTING,
-               AppStatus.STOPPED: AppState.STOPPED, AppStatus.FAILED: AppState.FAILED}
-    return mapping[state.status], state.healthy, state.reason
-
-
-def _drifting(active: GenerationManifest | None,
-              running: Mapping[str, RunningState]) -> bool:
-    """Whether what runs differs from what the active generation says should run."""
-    apps = active.apps if active is not None else {}
-    for name in apps:
-        st = running.get(name)
-        if st is None or st.status is not AppStatus.RUNNING or st.healthy is False:
-            return True
-    return any(n not in apps and s.status in (AppStatus.RUNNING, AppStatus.STARTING)
-               for n, s in running.items())
-
-
-def _drop_orphans(kept: dict[str, AppEntry], built: list[AppBuild],
-                  desired: Mapping[str, AppSpec], failed: dict[str, str]) -> None:
-    """Apps depending on a desired app that has no entry cannot start: fail them too."""
-    changed = True
-    while changed:
-        changed = False
-        present = set(kept) | {b.spec.name for b in built}
-        for b in list(built):
-            for dep in b.spec.depends_on:
-                if dep in desired and dep not in present:
-                    failed[b.spec.name] = f"dependency {dep!r} failed"
-                    built.remove(b)
-                    changed = True
-                    break
