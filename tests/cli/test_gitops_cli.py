@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,22 @@ def test_deploy_upgrade_remove(env: Env) -> None:
     out = env.json("reconcile", "--config", str(env.config))
     assert set(out["status"]["apps"]) == {"hello"}
     assert out["status"]["apps"]["hello"]["version"] == "1.0.0"
+
+
+def test_a_pass_in_another_process_is_not_run_alongside(env: Env) -> None:
+    from bstore.gitops.config import load_config
+    from bstore.gitops.reconciler import Reconciler
+
+    env.push_hello("1.0.0")
+    holder = Reconciler(load_config(env.config), env.root)
+    bstore = str(Path(sys.executable).with_name("bstore"))
+    argv = [bstore, "--root", str(env.root), "reconcile", "--no-wait", "--config",
+            str(env.config)]
+    with holder.locked():
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "reconcile already running for profile 'cli'" in proc.stderr
+    assert "hint: wait for it to finish" in proc.stderr
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "state: synced" in proc.stdout

@@ -65,9 +65,12 @@ def _json_app(app: AppContext, as_json: bool) -> AppContext:
 
 _json_option = click.option("--json", "as_json", is_flag=True,
                             help="Machine-readable JSON output.")
+_wait_option = click.option("--wait/--no-wait", default=True, show_default=True,
+                            help="Wait for a pass already running (the daemon's), or fail"
+                            " at once with 'reconcile already running'.")
 
 
-def _run_reconcile(app: AppContext, config: Config, as_json: bool) -> None:
+def _run_reconcile(app: AppContext, config: Config, as_json: bool, wait: bool) -> None:
     from bstore.events import default_bus
 
     app = _json_app(app, as_json)
@@ -78,7 +81,7 @@ def _run_reconcile(app: AppContext, config: Config, as_json: bool) -> None:
         f" ({e.measurements.get('duration', 0) / 1000:.1f} s)")
         if e.metadata.get("derivation") else None)
     try:
-        result = _reconciler(app, config).reconcile_once(trigger="cli")
+        result = _reconciler(app, config).reconcile_once(trigger="cli", wait=wait)
     finally:
         default_bus.detach(handle)
     status = _reconciler(app, config, quiet=True).status()
@@ -98,19 +101,21 @@ def _run_reconcile(app: AppContext, config: Config, as_json: bool) -> None:
 @click.command("reconcile")
 @config_options
 @_json_option
+@_wait_option
 @pass_app
-def reconcile_cmd(app: AppContext, config: Config, as_json: bool) -> None:
+def reconcile_cmd(app: AppContext, config: Config, as_json: bool, wait: bool) -> None:
     """Run one reconcile pass: sync, plan, build, activate, health-check."""
-    _run_reconcile(app, config, as_json)
+    _run_reconcile(app, config, as_json, wait)
 
 
 @click.command("sync")
 @config_options
 @_json_option
+@_wait_option
 @pass_app
-def sync_cmd(app: AppContext, config: Config, as_json: bool) -> None:
+def sync_cmd(app: AppContext, config: Config, as_json: bool, wait: bool) -> None:
     """Alias of reconcile (the original's name)."""
-    _run_reconcile(app, config, as_json)
+    _run_reconcile(app, config, as_json, wait)
 
 
 @click.command("plan")
