@@ -493,6 +493,12 @@ class AgentClient:
             return None
         return {_text(k): v for k, v in result.items()}
 
+    def connect_node(self, node: str) -> bool:
+        """Connect this node to the distributed node ``node`` (``name@host``); whether
+        it is connected afterwards. False when this node is not distributed."""
+        result = self._call_interned("connect_node", Atom(node))
+        return result == Atom("true")
+
     def stop_node(self) -> None:
         """Ask the node to shut down gracefully (``init:stop()``); returns at once."""
         self.call("stop_node")

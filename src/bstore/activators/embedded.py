@@ -45,6 +45,7 @@ from bstore.activators.base import (
     ApplyResult,
     HealthResult,
 )
+from bstore.activators.gcroots import RunningRoots
 from bstore.activators.health import HealthSchedule, probe
 from bstore.activators.hostnode import HostNode, HostNodeStatus
 from bstore.activators.nodeops import (
@@ -130,6 +131,10 @@ class EmbeddedActivator(Activator):
         self._new: GenerationManifest | None = None
         self._client: AgentClient | None = None
         self._records = self.node.paths.directory / "apps.json"
+        #: GC roots of what the host node runs (see :mod:`bstore.activators.gcroots`);
+        #: dropped whenever the node is found or made stopped.
+        self.roots = RunningRoots(context.root, context.profile)
+        self.node.on_stopped.append(lambda: self.roots.clear("host"))
 
     # ------------------------------------------------------------ the node
 
@@ -168,15 +173,23 @@ class EmbeddedActivator(Activator):
                         continue
                     try:
                         if runs_in_vm(entry):
-                            self.vms.do_start(entry, manifest)
+                            # A guest that kept running while the host node was down
+                            # keeps running; it rejoins the new host node's cluster.
+                            self.vms.keep_or_start(entry, manifest)
                         else:
+                            self.roots.set("host", name, str(entry.output))
                             start_app(client, [], entry)
                             records[name] = _managed(entry)
                         started.append(name)
                     except (BstoreError, OSError) as exc:
                         failed[name] = describe_error(exc)
-        write_managed(self._records, records)
+        self._write_records(records)
         return BootResult(status, tuple(started), failed)
+
+    def _write_records(self, records: Mapping[str, ManagedApp]) -> None:
+        """Record what runs in the host node, and root exactly that in the store."""
+        write_managed(self._records, records)
+        self.roots.sync("host", {n: r.output for n, r in records.items()})
 
     def shutdown(self) -> str:
         """Stop every VM of the profile, then the host node (how it ended)."""
@@ -321,7 +334,7 @@ class EmbeddedActivator(Activator):
             records.pop(name, None)
         else:
             records[name] = _managed(entry)
-        write_managed(self._records, records)
+        self._write_records(records)
 
     def _old_ebin(self, app: str) -> Path | None:
         rec = read_managed(self._records).get(app)
@@ -342,7 +355,19 @@ class EmbeddedActivator(Activator):
         """Start ``entry`` in the host node (or its VM)."""
         if runs_in_vm(entry):
             return self.vms.do_start(entry, self._new)
-        start_app(self._host(), closure_ebins(self.store_dir, self._new, entry), entry)
+        client = self._host()
+        self.roots.set("host", entry.name, str(entry.output))
+        ebins = closure_ebins(self.store_dir, self._new, entry)
+        if entry.name in {a.name for a in client.loaded_applications()}:
+            # A build of the app that stopped or crashed on its own is still loaded (its
+            # spec, env and modules): start would run that one again. Clear it first.
+            stop_app(client, entry.name, self._old_ebin(entry.name))
+            for d in reversed(ebins):
+                client.add_patha(d)
+            load_new_code(client, app_ebin(self.store_dir, entry), entry)
+            start_app(client, [], entry)
+        else:
+            start_app(client, ebins, entry)
         self._record(entry, entry.name)
         return "started"
 
@@ -365,6 +390,7 @@ class EmbeddedActivator(Activator):
         if runs_in_vm(entry):
             return "restarted: " + self.vms.do_start(entry, self._new)
         client = self._host()
+        self.roots.set("host", entry.name, str(entry.output))
         ebins = closure_ebins(self.store_dir, self._new, entry)
         for d in reversed(ebins):
             client.add_patha(d)
@@ -377,6 +403,8 @@ class EmbeddedActivator(Activator):
         """Reload the changed modules in place (restart if that fails)."""
         if runs_in_vm(entry):
             return self.vms.do_reload(action, entry)
+        # The root moves only once the reload worked (_record): an aborted reload leaves
+        # the old code running, and it stays rooted.
         detail = reload_or_restart(self._host(), self.store_dir, action, entry,
                                    self._old_ebin(action.app),
                                    lambda: self.do_restart(action, entry))

@@ -27,7 +27,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -165,6 +165,8 @@ class HostNode:
         self.profile = profile
         self.paths = NodePaths.for_profile(state_dir, profile)
         self.erl = erl
+        #: Called after :meth:`stop` found the node gone (e.g. to drop its GC roots).
+        self.on_stopped: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------ files
 
@@ -429,6 +431,7 @@ class HostNode:
             record = self.read_record()
             if record is None or not _is_running(record):
                 self._clear_record()
+                self._run_stopped_hooks()
                 return "not_running"
             ask_timeout = min(5.0, graceful_timeout)
             with contextlib.suppress(AgentError), self.client(ask_timeout) as client:
@@ -453,7 +456,12 @@ class HostNode:
         with contextlib.suppress(FileNotFoundError):
             if not _is_running(record):
                 self.paths.socket.unlink()
+        self._run_stopped_hooks()
         return outcome
+
+    def _run_stopped_hooks(self) -> None:
+        for hook in self.on_stopped:
+            hook()
 
     def _signal_group(self, record: NodeRecord, sig: signal.Signals) -> bool:
         """Signal the node's process group if the leader is still the recorded process."""

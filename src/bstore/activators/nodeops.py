@@ -40,6 +40,10 @@ from bstore.errors import BstoreError
 from bstore.generations.manifest import AppEntry, GenerationManifest
 from bstore.specs.model import Isolation
 from bstore.specs.terms.model import Atom
+from bstore.store.crash import crash_point
+
+#: ``BSTORE_CRASH_AT`` point after each action that succeeded (:mod:`bstore.store.crash`).
+ACTION_CRASH_POINT = "act-after-action"
 
 
 class SwitchAborted(BstoreError):
@@ -259,6 +263,9 @@ def run_actions(target: Target, actions: Sequence[Action], new: GenerationManife
                 continue
             detail = f"{detail}; healthy ({result.detail})" if detail else result.detail
         outcomes.append(ActionOutcome(action, True, detail))
+        # A kill here leaves a half-applied plan: re-running it (journal recovery) must
+        # keep what is done and do the rest.
+        crash_point(ACTION_CRASH_POINT)
     return ApplyResult(tuple(outcomes))
 
 

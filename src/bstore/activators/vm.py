@@ -17,7 +17,10 @@ where usable (:mod:`.cgroups`), else the allocators' fixed super carrier
 dies with "Cannot allocate" instead of growing). ``extra_args`` are separate argv items.
 The cookie is never on a command line (:mod:`.cookie`). When the profile's host node is
 distributed, the VM connects to it at boot (``sync_nodes_optional``) and so joins its
-cluster; :meth:`VmActivator.current_state` reports whether it is connected.
+cluster; :meth:`VmActivator.current_state` reports whether it is connected. The kernel
+connects only at boot, so a guest that outlives a restart of the host node is asked to
+reconnect (the agent's ``connect_node``) by :meth:`Supervisor.poll` and by the host's boot.
+While a VM runs, its app's output is a GC root (``gcroots/nodes/<profile>/vm/<app>``).
 
 A VM that dies is restarted by :class:`Supervisor` with exponential backoff; after more
 than ``burst`` crashes within ``window`` seconds the app is ``failed`` with the reason of
@@ -53,6 +56,7 @@ from bstore.activators.base import (
 )
 from bstore.activators.cgroups import BSTORE_GROUP, Cgroup, CgroupError, CgroupSupport, detect
 from bstore.activators.cookie import cookie_home, resolve_cookie, vm_environment
+from bstore.activators.gcroots import RunningRoots
 from bstore.activators.health import probe
 from bstore.activators.hostnode import HostNode, HostNodeError, NodePaths
 from bstore.activators.nodeops import (
@@ -182,6 +186,7 @@ class _GuestNode(HostNode):
                                directory / "node.log", directory / "lock")
         self.cgroup = cgroup
         self.proc: subprocess.Popen[bytes] | None = None
+        self.on_stopped = []
 
     def _spawn(self, argv: list[str],
                env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -256,6 +261,8 @@ class VmActivator(Activator):
         self._guests: dict[str, Guest] = {}
         self._new: GenerationManifest | None = None
         self._lock = threading.RLock()
+        #: GC roots of the code each running VM loaded (:mod:`bstore.activators.gcroots`).
+        self.roots = RunningRoots(context.root, context.profile)
 
     # ------------------------------------------------------------ guests
 
@@ -391,8 +398,38 @@ class VmActivator(Activator):
                 guest.node.stop()
             self._write_app(guest, entry, manifest or self._new)
             VmState(desired=True).write(guest.state_file)
+            self.roots.set("vm", entry.name, str(entry.output))
             self.launch(entry.name)
         return f"started in VM {self.node_name(entry)}"
+
+    def keep_or_start(self, entry: AppEntry, manifest: GenerationManifest | None) -> str:
+        """Keep ``entry``'s VM if it already runs exactly that build (same output, env
+        and VM config: e.g. it outlived a host node restart) and have it rejoin the host
+        node's cluster; else start it like :meth:`do_start`."""
+        with self._lock:
+            guest = self.guest(entry.name)
+            current = _read_entry(guest)
+            state = VmState.read(guest.state_file)
+            if (current is not None and state.desired and state.failed is None
+                    and current.output == entry.output and current.env == entry.env
+                    and current.vm_config == entry.vm_config and guest.running()):
+                self.roots.set("vm", entry.name, str(entry.output))
+                joined = self.reconnect(entry)
+                return "kept running" + ("" if joined is None else
+                                         f" ({'node up' if joined else 'node down'})")
+        return self.do_start(entry, manifest)
+
+    def reconnect(self, entry: AppEntry) -> bool | None:
+        """Ask ``entry``'s VM to connect to the host node (``net_kernel:connect_node``
+        through its agent): a guest whose host node restarted is not reconnected by the
+        kernel. True when connected; None without a host node to join."""
+        if self.host_node is None:
+            return None
+        try:
+            with self.guest(entry.name).client(10.0) as client:
+                return client.connect_node(self.host_node)
+        except AgentError:
+            return False
 
     def do_stop(self, action: Action) -> str:
         """Stop the app's VM: graceful, then SIGTERM, then SIGKILL (never supervised again)."""
@@ -407,6 +444,7 @@ class VmActivator(Activator):
                 state.desired = False
                 state.write(guest.state_file)
             how = guest.node.stop()
+            self.roots.remove("vm", app)
             if guest.node.cgroup is not None:
                 guest.node.cgroup.remove()
             with contextlib.suppress(FileNotFoundError):
@@ -432,6 +470,7 @@ class VmActivator(Activator):
             detail = reload_or_restart(client, self.store_dir, action, entry, old_ebin,
                                        lambda: self.do_restart(action, entry))
         self._write_app(guest, entry, self._new)
+        self.roots.set("vm", entry.name, str(entry.output))
         return detail
 
     def do_reconfigure(self, action: Action, entry: AppEntry) -> str:
@@ -642,6 +681,10 @@ class Supervisor:
             entry = _read_entry(guest)
             if connected is not None and entry is not None:
                 up = self.vms.node_name(entry) in connected
+                if not up:
+                    # The host node restarted (or the link broke): the guest's kernel
+                    # does not reconnect by itself.
+                    up = self.vms.reconnect(entry) is True
                 if up != state.connected:
                     first = state.connected is None
                     state.connected = up
@@ -657,6 +700,8 @@ class Supervisor:
             if len(state.crashes) > self.vms.burst:
                 state.failed = reason
                 state.write(guest.state_file)
+                # A failed VM runs nothing: its code is no longer rooted.
+                self.vms.roots.remove("vm", app)
                 return (f"{app}: failed after {len(state.crashes)} crashes in"
                         f" {self.vms.window:g} s: {reason}")
             state.restart_at = now + self.backoff(len(state.crashes))

@@ -193,7 +193,7 @@ ops() ->
      {get_env, [1, 2]}, {set_env, [3]}, {unset_env, [2]}, {config_change, [2]},
      {reconfigure, [3]}, {suspend, [1, 2]}, {resume, [1]}, {change_code, [4]},
      {reload, [3]}, {process_info, [1]}, {stop_node, [0]}, {health_check, [3]},
-     {nodes, [0]}].
+     {nodes, [0]}, {connect_node, [1]}].
 
 op(ping, []) ->
     {ok, pong};
@@ -311,6 +311,13 @@ op(health_check, [App, Mod, TimeoutMs])
 op(nodes, []) ->
     %% Read-only: the distribution peers this node is connected to (cluster tracking).
     {ok, nodes()};
+op(connect_node, [Node]) when is_atom(Node) ->
+    %% Only `name@host` atoms, only when distributed: a guest rejoins the cluster of a
+    %% host node that restarted (the kernel connects at boot only). Returns the boolean.
+    case is_alive() andalso lists:member($@, atom_to_list(Node)) of
+        true -> {ok, net_kernel:connect_node(Node)};
+        false -> {ok, false}
+    end;
 op(stop_node, []) ->
     %% init:stop/0 only signals init; the reply goes out before the shutdown starts.
     ok = init:stop(),

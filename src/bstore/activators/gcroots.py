@@ -1,0 +1,123 @@
+"""GC roots for code that runs: what a profile's nodes have loaded stays in the store.
+
+Every generation link is a GC root, but a node can run code no generation link names any
+more: ``bstore generations delete --keep 1`` while a VM still runs an older generation,
+or a switch whose activation was interrupted. So the activators root what each node runs,
+under ``<root>/gcroots/nodes/<profile>/``::
+
+    host/<app>   -> <store>/<output>   each app bstore started in the host node
+    vm/<app>     -> <store>/<output>   the app a guest VM runs
+
+An output's references hold its whole dependency closure, and a node's code path points
+into the outputs themselves (not through a generation's ``lib/`` links), so rooting the
+outputs keeps everything the running code can still load (lazily loaded modules, ``priv``
+files). :mod:`bstore.store.roots` follows these nested links. A root is set before the
+code starts and removed when its node stops (or the app leaves it), so the window in
+which the running code is unrooted is empty: until the activator's root exists, the
+generation being activated (a profile link) holds the same paths.
+
+Links are replaced atomically (temp symlink + ``rename`` + fsync of the directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+from bstore.errors import BstoreError
+from bstore.store import atomic
+from bstore.store.paths import InvalidStorePath, StorePath
+
+#: The groups of roots a profile has: the host node's apps and the guest VMs' apps.
+GROUPS = ("host", "vm")
+
+
+class RunningRootsError(BstoreError):
+    """A GC root for running code that cannot be written or removed."""
+
+
+class RunningRoots:
+    """The GC roots of ``profile``'s running code under the state root ``root``."""
+
+    def __init__(self, root: Path, profile: str) -> None:
+        self.store_dir = Path(os.path.realpath(Path(root) / "store"))
+        self.directory = Path(root) / "gcroots" / "nodes" / profile
+
+    def _group(self, group: str) -> Path:
+        if group not in GROUPS:
+            raise RunningRootsError(f"GC root group {group!r} is not one of {GROUPS}")
+        return self.directory / group
+
+    def read(self, group: str) -> dict[str, str]:
+        """App → store path base name of every root in ``group``."""
+        out: dict[str, str] = {}
+        try:
+            entries = list(os.scandir(self._group(group)))
+        except FileNotFoundError:
+            return out
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_symlink():
+                continue
+            out[entry.name] = os.path.basename(os.readlink(entry.path))
+        return out
+
+    def set(self, group: str, app: str, output: str) -> None:
+        """Root ``output`` (a store path base name) for ``app`` in ``group``."""
+        try:
+            StorePath.parse(output)
+        except InvalidStorePath as exc:
+            raise RunningRootsError(f"cannot root {output!r} for app {app!r}: {exc.message}",
+                                    hint="pass the output's store path base name") from exc
+        if not app or "/" in app or app.startswith("."):
+            raise RunningRootsError(f"app name {app!r} cannot name a GC root link")
+        directory = self._group(group)
+        link = directory / app
+        target = str(self.store_dir / output)
+        try:
+            if os.readlink(link) == target:
+                return
+        except OSError:
+            pass
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = directory / f".{app}.tmp-{secrets.token_hex(4)}"
+            os.symlink(target, tmp)
+            os.rename(tmp, link)
+            atomic.fsync_path(directory)
+        except OSError as exc:
+            raise RunningRootsError(f"cannot write GC root {link} -> {target}: {exc}",
+                                    hint="check the permissions of the state directory"
+                                    ) from exc
+
+    def remove(self, group: str, app: str) -> None:
+        """Drop ``app``'s root in ``group`` (its node stopped or it left the node)."""
+        link = self._group(group) / app
+        try:
+            os.unlink(link)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise RunningRootsError(f"cannot remove GC root {link}: {exc}") from exc
+        atomic.fsync_path(link.parent)
+
+    def sync(self, group: str, wanted: Mapping[str, str]) -> None:
+        """Make ``group`` hold exactly ``wanted`` (app → output base name)."""
+        for app, output in wanted.items():
+            self.set(group, app, output)
+        for app in self.read(group):
+            if app not in wanted:
+                self.remove(group, app)
+        directory = self._group(group)
+        # Leftover temp links of a process killed between symlink and rename.
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(directory):
+                if entry.name.startswith(".") and ".tmp-" in entry.name:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+
+    def clear(self, group: str) -> None:
+        """Drop every root of ``group`` (its node stopped)."""
+        self.sync(group, {})
