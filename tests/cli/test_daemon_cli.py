@@ -149,12 +149,31 @@ def test_daemon_follows_new_commits_and_sigterm_leaves_the_apps_running(
             metrics = client.get("/metrics").text
             assert re.search(r'bstore_reconciles_total\{result="synced"\} [1-9]', metrics)
             assert 'bstore_apps{status="running"} 1.0' in metrics
+            assert re.search(r'bstore_builds_total\{result="done"\} [1-9]', metrics)
+            assert re.search(r'bstore_health_checks_total\{result="healthy"\} [1-9]', metrics)
+            assert not re.search(r"bstore_last_successful_reconcile_timestamp_seconds 0", metrics)
             events = client.get("/events", params={"prefix": "bstore.deploy"}).json()
             assert [e["name"] for e in events["events"]] == ["bstore.deploy.start",
                                                               "bstore.deploy.stop"]
             upgrades = client.get("/events", params={"prefix": "bstore.upgrade"}).json()
             assert [e["metadata"]["app"] for e in upgrades["events"]] == ["plainapp"] * 4
             assert client.get("/apps/plainapp").json()["version"] == "1.0.2"
+
+            # A manual rollback activates generation 2 and suspends the loop, so the next
+            # pass does not bring 1.0.2 back.
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            back = client.post("/rollback", headers=auth)
+            assert back.status_code == 200, back.text
+            assert back.json()["ok"] is True and back.json()["suspended"] is True
+            assert back.json()["rollback"]["generation"] == 2
+            current = [g for g in client.get("/generations").json()["generations"]
+                       if g["current"]]
+            assert [g["number"] for g in current] == [2]
+            assert node_status(s)["apps"]["plainapp"]["version"] == "1.0.1", back.text
+            assert client.get("/status").json()["daemon"]["loop"] == "suspended"
+            nothing = client.post("/rollback", headers=auth, json={"to": 99})
+            assert nothing.status_code == 409, nothing.text
+            assert "99" in nothing.json()["message"]
 
         pid = node_status(s)["pid"]
         proc.send_signal(signal.SIGTERM)

@@ -395,3 +395,21 @@ def test_signal_stops_a_real_daemon_process_cleanly(tmp_path: Path, signum: int)
             proc.kill()
         app.kill()
         app.wait()
+
+
+def test_a_timed_pass_waiting_during_a_rollback_does_not_undo_it(
+        make_daemon: Any, tmp_path: Path, fake: FakeReconciler) -> None:
+    calls: list[int] = []
+
+    def slow_rollback(to: int | None) -> dict[str, Any]:
+        calls.append(fake.passes)
+        time.sleep(0.4)  # timed passes come due and wait for the lock meanwhile
+        return {"to": to}
+
+    d = make_daemon(fake, rollback=slow_rollback,
+                    config=make_config(tmp_path, reconcile_interval=0.05))
+    wait_for(lambda: fake.passes >= 2, "timed passes")
+    assert d.rollback(1)["suspended"] is True
+    after = fake.passes
+    time.sleep(0.4)
+    assert fake.passes == after == calls[0]

@@ -168,6 +168,7 @@ def test_metrics_scrape_changes_after_a_pass(client: httpx.Client, bus: EventBus
 
     assert client.post("/reconcile", headers=AUTH).status_code == 200
     bus.emit("bstore.health.check", app="db", result="failed")
+    bus.emit("bstore.build.stop", {"duration": 9.0}, apps=3)  # the aggregate: not a build
     after = _metrics(client)
     assert after[("bstore_reconciles_total", (("result", "ok"),))] == 2
     assert after[("bstore_reconcile_duration_seconds_count", ())] == 2

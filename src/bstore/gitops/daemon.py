@@ -479,10 +479,11 @@ class Daemon:
             self._wake.clear()
             trigger = "webhook" if woken else "timer"
             if not self.suspended:
-                self._run_pass(trigger, wait=True)
+                self._run_pass(trigger, wait=True, automatic=True)
             next_at = time.monotonic() + interval
 
-    def _run_pass(self, trigger: str, *, wait: bool) -> PassRecord | None:
+    def _run_pass(self, trigger: str, *, wait: bool,
+                  automatic: bool = False) -> PassRecord | None:
         if not self._pass_lock.acquire(blocking=False):
             if not wait:
                 raise self._busy()
@@ -490,6 +491,10 @@ class Daemon:
                 if self._stopping.is_set():
                     return None
         try:
+            # Suspension may have come while this pass waited for the lock (a rollback
+            # suspends before it lets go of it): a timed pass must not undo it.
+            if automatic and self.suspended:
+                return None
             started, clock = time.time(), time.monotonic()
             with self._state_lock:
                 self._running = (trigger, started)
@@ -631,12 +636,12 @@ class Daemon:
                 if _is_busy(exc):
                     raise ReconcileBusy(exc.message, exc.hint) from exc
                 raise
+            ok = bool(getattr(result, "ok", True))
+            if ok:  # before the lock is let go: a waiting timed pass must see it
+                target = "the previous generation" if to is None else f"generation {to}"
+                self.suspend(f"rolled back to {target} through the API")
         finally:
             self._pass_lock.release()
-        ok = bool(getattr(result, "ok", True))
-        if ok:
-            target = "the previous generation" if to is None else f"generation {to}"
-            self.suspend(f"rolled back to {target} through the API")
         return {"ok": ok, "rollback": to_jsonable(result), "suspended": self.suspended}
 
     def _activate_generation(self, to: int | None) -> Any:

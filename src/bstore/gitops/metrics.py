@@ -14,7 +14,7 @@ metric                                             type       from
 ``bstore_reconciles_total{result}``                counter    same (``error`` for .error)
 ``bstore_last_successful_reconcile_timestamp_seconds``  gauge  ``reconcile.stop``, result ok
 ``bstore_apps{status}``                            gauge      the status, at scrape time
-``bstore_builds_total{result}``                    counter    ``bstore.build.stop``
+``bstore_builds_total{result}``                    counter    ``bstore.build.stop`` (each)
 ``bstore_health_checks_total{result}``             counter    ``bstore.health.check``
 ``bstore_events_total``                            counter    every event
 =================================================  =========  ===========================
@@ -94,7 +94,10 @@ class Metrics:
             if result in _OK_RESULTS:
                 self.last_success.set(event.time)
         elif name == "bstore.build.stop":
-            self.builds.labels(result=_label(event.metadata.get("result"), "ok")).inc()
+            # One event per derivation built (``derivation``/``app``); the pass's
+            # aggregate ``bstore.build`` span (``apps``: how many) is not a build.
+            if "derivation" in event.metadata or "app" in event.metadata:
+                self.builds.labels(result=_label(event.metadata.get("result"), "ok")).inc()
         elif name == "bstore.health.check":
             self.health_checks.labels(
                 result=_label(event.metadata.get("result"), "unknown")).inc()
