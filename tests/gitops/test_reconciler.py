@@ -171,7 +171,8 @@ def test_bad_spec_fails_only_that_app(world: World) -> None:
     assert set(world.versions()) == {"good", "other"}
     status = read_status(world.reconciler.gitops_dir)
     assert status.apps["broken"].status is AppState.FAILED
-    assert "broken/app.yaml" in (status.apps["broken"].last_error or "")
+    # named by its path in the repository, not where the checkout lives
+    assert (status.apps["broken"].last_error or "").startswith("apps/broken/app.yaml:")
     # an app that ran keeps its previous version when its spec breaks
     world.push(app_files(other="name: other\nversion: '2.0.0'\nisolation: sideways\n",
                          good=spec_yaml("good", "1.1.0")))
@@ -193,7 +194,8 @@ def test_cycle_in_depends_on_fails_the_cycle_only(world: World) -> None:
     assert set(world.versions()) == {"c"}
     status = read_status(world.reconciler.gitops_dir)
     for name in ("a", "b"):
-        assert "dependency cycle" in (status.apps[name].last_error or "")
+        error = status.apps[name].last_error or ""
+        assert "dependency cycle" in error and error.startswith(f"apps/{name}/app.yaml")
 
 
 def test_symlink_escaping_the_checkout_is_rejected(world: World) -> None:

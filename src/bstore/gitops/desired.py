@@ -150,18 +150,28 @@ def _app_trees(repo_dir: Path, commit: str, rel: PurePosixPath) -> dict[str, str
     return out
 
 
-def app_errors(result: AppsResult, apps_dir: Path | None = None) -> dict[str, str]:
+def app_errors(result: AppsResult, checkout: Path | None = None
+               ) -> tuple[dict[str, str], list[str]]:
     """Failed app → its error messages (joined), found by the app directory each
-    problem names."""
+    problem names; and the error lines of no failed app. Paths are shown relative to
+    ``checkout`` (the repository), not where the checkout happens to live."""
+    prefix = f"{checkout}/" if checkout is not None else None
+
+    def shown(text: str) -> str:
+        return text.replace(prefix, "") if prefix else text
+
     out: dict[str, list[str]] = {name: [] for name in result.failed}
+    other: list[str] = []
     for p in result.problems:
         if p.severity is not Severity.ERROR:
             continue
         parts = PurePosixPath(p.source).parts
-        for name in out:
-            if name in parts[-3:]:
-                out[name].append(f"{p.location}: {p.message}")
-    return {name: "; ".join(msgs) or "invalid spec" for name, msgs in out.items()}
+        owner = parts[-2] if len(parts) >= 2 else None
+        if owner in out:
+            out[owner].append(shown(f"{p.location}: {p.message}"))
+        else:
+            other.append(shown(str(p)))
+    return {name: "; ".join(msgs) or "invalid spec" for name, msgs in out.items()}, other
 
 
 def spec_from_entry(entry: AppEntry, *, version: str | None = None) -> AppSpec:

@@ -296,10 +296,11 @@ class Reconciler:
             synced = self.sync_.sync(self._last_applied(active))
             specs = self._memo.specs.load(self.gitops_dir / "repo.git", synced.commit,
                                           synced.checkout_dir, self.config.apps_dir)
+            failed, problems = app_errors(specs, synced.checkout_dir)
             plan = plan_reconcile(
-                specs.specs, active, failed=app_errors(specs),
+                specs.specs, active, failed=failed,
                 running=self.activator.current_state(), commit=synced.commit,
-                problems=[str(p) for p in specs.errors])
+                problems=problems)
             if check_store and plan.to_build:
                 plan = self._annotate_store(store, plan, specs.specs)
             return plan
@@ -403,9 +404,9 @@ class Reconciler:
                                   skipped="no change")
             specs = self._memo.specs.load(self.gitops_dir / "repo.git", tip,
                                           synced.checkout_dir, self.config.apps_dir)
-            failed = app_errors(specs)
+            failed, problems = app_errors(specs, synced.checkout_dir)
             plan = plan_reconcile(specs.specs, active, failed=failed, running=running,
-                                  commit=tip, problems=[str(p) for p in specs.errors])
+                                  commit=tip, problems=problems)
             if not plan.needs_generation:
                 self._memo.idle_key = gen_key if not failed else None
                 self._finish_ok(tip, state, quarantine_clear=quarantine is not None)
