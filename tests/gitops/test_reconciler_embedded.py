@@ -112,6 +112,19 @@ def test_reconcile_with_real_builds_and_the_embedded_activator(
     assert moved == {"hello": "restart"}
     assert activator.current_state()["hello"].version == "1.1.0"
 
+    # reconfigure other's env: no build, no restart, the node sees the new value
+    specs.commit({"apps/other/app.yaml": spec_text("other", "1.0.0", other.as_uri(),
+                                                   extra="env: {mode: fast}\n")})
+    specs.push()
+    r_env = rec.reconcile_once()
+    assert r_env.state is State.SYNCED, r_env.to_json()
+    assert r_env.built == ()
+    assert r_env.activation is not None
+    assert {a.app: a.kind.value for a in r_env.activation.actions
+            if a.kind.value != "keep"} == {"other": "reconfigure"}
+    with activator.node.client() as client:
+        assert client.get_env_key("other", "mode") == b"fast"
+
     # a crashed app (stopped behind bstore's back) is started again by the next pass
     with activator.node.client() as client:
         client.app_stop("other")
@@ -136,3 +149,17 @@ def test_reconcile_with_real_builds_and_the_embedded_activator(
     assert status.apps["hello"].status is AppState.RUNNING
     r5 = rec.reconcile_once()
     assert r5.skipped == "quarantined"
+
+    # remove other (and put hello back to its healthy spec, or the tip fails again)
+    specs.commit({"apps/other/app.yaml": None,
+                  "apps/hello/app.yaml": spec_text("hello", "1.1.0", hello.as_uri())})
+    specs.push()
+    r6 = rec.reconcile_once()
+    assert r6.state is State.SYNCED, r6.to_json()
+    assert r6.activation is not None
+    assert {a.app: a.kind.value for a in r6.activation.actions
+            if a.kind.value != "keep"} == {"other": "stop"}
+    assert "other" not in activator.current_state()
+    with activator.node.client() as client:
+        assert "other" not in {a.name for a in client.which_applications()}
+    assert set(read_status(rec.gitops_dir).apps) == {"hello"}
