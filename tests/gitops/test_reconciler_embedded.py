@@ -15,8 +15,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "builders"))
 from gitrepos import GitRemote
-from realise_helpers import commit_all, git_repo
-from recohelpers import Recorder
+from realise_helpers import commit_all
+from recohelpers import Recorder, erlc_git_app
+from recohelpers import git_spec_text as spec_text
 
 from bstore.activators.agent_build import compile_agent
 from bstore.activators.base import ActivatorContext
@@ -35,31 +36,8 @@ pytestmark = [
 ]
 
 
-def erlc_app(root: Path, name: str, greeting: str) -> Path:
-    """A plain erlc OTP app with an application callback and a supervisor (so it is
-    really started), and ``<name>:greeting()``."""
-    d = root / name
-    (d / "src").mkdir(parents=True)
-    (d / "src" / f"{name}.app.src").write_text(
-        f'{{application, {name}, [{{vsn, "0.0.0"}}, {{modules, []}}, {{registered, []}},\n'
-        f"  {{applications, [kernel, stdlib]}}, {{mod, {{{name}, []}}}}]}}.\n")
-    (d / "src" / f"{name}.erl").write_text(
-        f"-module({name}).\n-behaviour(application).\n-behaviour(supervisor).\n"
-        "-export([start/2, stop/1, init/1, greeting/0]).\n"
-        f"start(_T, _A) -> supervisor:start_link({{local, {name}_sup}}, ?MODULE, []).\n"
-        "stop(_S) -> ok.\n"
-        "init([]) -> {ok, {#{strategy => one_for_one}, []}}.\n"
-        f'greeting() -> "{greeting}".\n')
-    return git_repo(d)
-
-
 def status_gen(rec: Reconciler) -> int | None:
     return read_status(rec.gitops_dir).generation
-
-
-def spec_text(name: str, version: str, url: str, *, extra: str = "") -> str:
-    return (f"name: {name}\nversion: '{version}'\n"
-            f"source: {{type: git, url: '{url}', ref: main}}\n{extra}")
 
 
 @pytest.fixture
@@ -79,8 +57,8 @@ def activator(root: Path, tmp_path: Path) -> Iterator[EmbeddedActivator]:
 
 def test_reconcile_with_real_builds_and_the_embedded_activator(
         tmp_path: Path, root: Path, activator: EmbeddedActivator) -> None:
-    hello = erlc_app(tmp_path / "src", "hello", "hi")
-    other = erlc_app(tmp_path / "src", "other", "yo")
+    hello = erlc_git_app(tmp_path / "src", "hello", "hi")
+    other = erlc_git_app(tmp_path / "src", "other", "yo")
     specs = GitRemote(tmp_path / "specs")
     bus = EventBus()
     events = Recorder(bus)
