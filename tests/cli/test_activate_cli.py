@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +158,35 @@ def test_killed_activation_is_finished_by_the_next_activate(tmp_path: Path,
     with LocalStore.open(root) as store:
         assert read_journal(Profile(store, "default")) is None
     assert versions(root) == (2, {"hello": "1.5.0", "world": "1.0.0"})
+
+
+@pytest.mark.slow
+def test_activate_with_the_embedded_activator_rolls_back_an_unhealthy_app(
+        apps: Path) -> None:
+    from bstore.activators.base import ActivatorContext
+    from bstore.activators.embedded import EmbeddedActivator
+
+    root = Path(tempfile.mkdtemp(prefix="bsc", dir="/tmp"))  # agent socket paths stay short
+    opts = ["-o", "distribution=off", "-o", "health_settle=0.2"]
+    try:
+        out = as_json(run(root, "activate", str(apps), *opts, "--json"))
+        assert out["ok"] is True and out["generation"] == 1
+        node = EmbeddedActivator(ActivatorContext(root, "default", {"distribution": "off"}))
+        state = node.current_state()
+        assert {n: s.status.value for n, s in state.items()} == {"hello": "running",
+                                                                 "world": "running"}
+        spec = apps / "hello" / "app.yaml"
+        spec.write_text(spec.read_text().replace("1.0.0", "2.0.0")
+                        + "health: {type: tcp, port: 1, timeout: 1000}\n")
+        failed = run(root, "activate", str(apps), *opts)
+        assert failed.exit_code == 1
+        assert "generation 2 FAILED; rolled back to 1" in failed.stdout
+        assert "hello:" in failed.stdout
+        assert node.current_state()["hello"].version == "1.0.0"
+        assert node.current_state()["hello"].status.value == "running"
+        assert versions(root) == (1, {"hello": "1.0.0", "world": "1.0.0"})
+        bad = run(root, "activate", str(apps), "-o", "novalue")
+        assert bad.exit_code == 1 and "'novalue' is not KEY=VALUE" in bad.stderr
+    finally:
+        EmbeddedActivator(ActivatorContext(root, "default", {"distribution": "off"})).shutdown()
+        shutil.rmtree(root, ignore_errors=True)

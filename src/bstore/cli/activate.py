@@ -54,6 +54,8 @@ def _describe(result: ActivationResult) -> str:
               show_default=True,
               help="Activator that makes the running apps match ('dry-run' shows the plan"
               " only; 'none' switches links only).")
+@click.option("-o", "--activator-option", "options", multiple=True, metavar="KEY=VALUE",
+              help="An option for the activator (e.g. distribution=off). Repeatable.")
 @click.option("--generation", "number", type=int, metavar="N",
               help="Activate the existing generation N instead of building.")
 @click.option("-j", "--jobs", type=click.IntRange(1, 256), default=None,
@@ -61,7 +63,8 @@ def _describe(result: ActivationResult) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
 @pass_app
 def activate_cmd(app: AppContext, apps_dir: Path | None, profile: str, activator: str,
-                 number: int | None, jobs: int | None, as_json: bool) -> None:
+                 options: tuple[str, ...], number: int | None, jobs: int | None,
+                 as_json: bool) -> None:
     """Build APPS_DIR (default ./apps), make it a generation and activate it."""
     as_json = as_json or app.json
     if as_json:
@@ -70,9 +73,16 @@ def activate_cmd(app: AppContext, apps_dir: Path | None, profile: str, activator
         raise BstoreError("give an apps directory or --generation N, not both",
                           hint="bstore activate apps/  or  bstore activate --generation 3")
     echo = app.log if as_json else click.echo
+    opts = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BstoreError(f"activator option {item!r} is not KEY=VALUE",
+                              hint="e.g. -o distribution=off")
+        opts[key] = value
     with LocalStore.open(app.root) as store:
         act = None if activator == "none" else load_activator(
-            activator, ActivatorContext(app.root, profile, echo=echo))
+            activator, ActivatorContext(app.root, profile, opts, echo=echo))
         pipeline = Pipeline(store, profile, act, echo=echo)
         recovered = pipeline.recover()
         if recovered.journal is not None:
