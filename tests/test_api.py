@@ -49,6 +49,8 @@ def test_the_module_functions(world: World, tmp_path: Path) -> None:
     assert bstore.status().state is State.INITIALIZING
     synced = bstore.sync()
     assert synced.commit == commit and world.versions() == {}
+    assert bstore.status().state is State.READY
+    assert bstore.status().tip_commit == commit
     assert sorted(bstore.get_desired_state()) == ["db", "web"]
     result = bstore.reconcile()
     assert result.state is State.SYNCED and result.commit == commit

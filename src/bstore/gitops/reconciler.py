@@ -270,10 +270,18 @@ class Reconciler:
         return status.apps[name]
 
     def sync(self) -> SyncResult:
-        """Fetch and check the tip (no apply), under the lock."""
+        """Fetch and check the tip (no apply), under the lock. Before the first pass
+        the status becomes ``ready``."""
         with self.locked(), LocalStore.open(self.root) as store:
             active = self._active(store, self._pipeline(store))
-            return self.sync_.sync(self._last_applied(active))
+            synced = self.sync_.sync(self._last_applied(active))
+            status = self.status()
+            if status.state in (State.INITIALIZING, State.READY):
+                # Synced but nothing applied yet: the seed's 'ready'.
+                write_status(self.gitops_dir, status.with_(
+                    state=State.READY, tip_commit=synced.commit,
+                    profile=self.config.profile))
+            return synced
 
     def get_desired_state(self) -> dict[str, AppSpec]:
         """The valid specs of the tip (syncs first)."""

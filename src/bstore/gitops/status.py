@@ -6,7 +6,7 @@ thing. Overall states (the seed's):
 
 =============  ======================================================================
 initializing   nothing was reconciled yet
-ready          a reconciler is set up (recovered, synced) but has applied nothing yet
+ready          the repo was synced (bstore.sync(), the daemon) but nothing applied yet
 synced         the last pass applied the tip and every app is running and healthy
 degraded       applied, but some app failed or is unhealthy, or the tip is quarantined
 error          the last pass could not run (repo unreachable, commit refused, ...):
