@@ -409,3 +409,19 @@ def test_first_generation_failing_is_quarantined_then_a_fix_applies(world: World
     r2 = world.reconciler.reconcile_once()
     assert r2.state is State.SYNCED, r2.to_json()
     assert world.versions() == {"web": "1.0.1"}
+
+
+def test_a_pass_emits_the_seed_telemetry_in_order(world: World) -> None:
+    world.push(app_files(web=spec_yaml("web", health_timeout=500)))
+    world.reconciler.reconcile_once(trigger="timer")
+    names = world.recorder.names()
+    expected = ["bstore.reconcile.start", "bstore.git.clone_start", "bstore.git.clone_stop",
+                "bstore.git.pull", "bstore.build.start", "bstore.build.stop",
+                "bstore.deploy.start", "bstore.health.check", "bstore.deploy.stop",
+                "bstore.reconcile.stop"]
+    assert [n for n in names if n in expected] == expected
+    stop = world.recorder.of("bstore.reconcile.stop")[0]
+    assert stop.metadata["status"] == "synced" and stop.metadata["trigger"] == "timer"
+    assert stop.measurements["duration"] > 0
+    check = world.recorder.of("bstore.health.check")[0]
+    assert check.metadata["app"] == "web" and check.metadata["result"] == "healthy"
