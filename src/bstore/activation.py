@@ -126,7 +126,9 @@ class ActivationResult:
     ``generation``: the generation now current; ``attempted``: the one that was tried
     (equal to ``generation`` on success); ``rolled_back_to``: set when the attempt failed
     and the profile was switched back; ``failed``: app → why; ``health``: the last check
-    of every app checked."""
+    of every app checked. A failed FIRST generation has nothing to switch back to: the
+    profile stays on it, ``rolled_back_to`` is None and the activator stops what the
+    attempt started."""
 
     profile: str
     ok: bool
