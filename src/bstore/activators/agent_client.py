@@ -169,6 +169,9 @@ class AgentClient:
         self.max_frame = max_frame
         self._sock: socket.socket | None = None
         self._ids: Iterator[int] = itertools.count(1)
+        # Atoms this connection's node already has (atoms are never collected, so this
+        # holds until the connection closes; a reconnect may reach a restarted node).
+        self._interned: set[str] = set()
 
     # ------------------------------------------------------------ connection
 
@@ -189,6 +192,7 @@ class AgentClient:
                 hint="is the node running? (bstore node status)",
             ) from exc
         self._sock = sock
+        self._interned = set()
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -296,11 +300,15 @@ class AgentClient:
         """Like :meth:`call`, after creating every atom named in ``args`` on the node."""
         names: set[str] = set()
         _atoms_in(list(args), names)
-        ordered = sorted(names)
+        self.connect()
+        ordered = sorted(names - self._interned)
         for start in range(0, len(ordered), MAX_INTERN):
             batch: list[AnyTerm] = [n.encode("utf-8") for n in ordered[start : start + MAX_INTERN]]
             self.call("intern", batch)
-        return self.call(op, *args, timeout=timeout)
+        result = self.call(op, *args, timeout=timeout)
+        if self._sock is not None:
+            self._interned.update(names)
+        return result
 
     # ------------------------------------------------------------ typed operations
 

@@ -30,6 +30,7 @@ from bstore.generations.manifest import GenerationManifest
 from bstore.generations.profiles import GenerationLink
 from bstore.generations.switch import ActivationHook
 from bstore.store.local import LocalStore
+from bstore.store.paths import StorePath
 
 #: The entry-point group activators register under.
 ENTRY_POINT_GROUP = "bstore.activators"
@@ -192,6 +193,10 @@ __all__ = [
 ]
 
 
+#: Manifests an activation hook keeps parsed (a rollback goes back to a recent one).
+_MANIFEST_CACHE = 8
+
+
 class ActivationFailed(BstoreError):
     """An activation whose actions did not all succeed (names each app and why)."""
 
@@ -202,9 +207,19 @@ def activation_hook(store: LocalStore, activator: Activator,
     show the plan through ``echo``, apply it; raise :class:`ActivationFailed` if any action
     failed or was blocked (the switch is then undone)."""
 
+    # A generation's store path names its content: a manifest read once stays right.
+    manifests: dict[StorePath, GenerationManifest] = {}
+
+    def load(sp: StorePath) -> GenerationManifest:
+        if sp not in manifests:
+            if len(manifests) >= _MANIFEST_CACHE:
+                manifests.pop(next(iter(manifests)))
+            manifests[sp] = load_generation(store, sp)
+        return manifests[sp]
+
     def hook(old: GenerationLink | None, new: GenerationLink) -> None:
-        old_manifest = None if old is None else load_generation(store, old.store_path)
-        new_manifest = load_generation(store, new.store_path)
+        old_manifest = None if old is None else load(old.store_path)
+        new_manifest = load(new.store_path)
         actions = activator.plan(old_manifest, new_manifest)
         if echo is not None:
             span = f"{old.number if old else 'none'} -> {new.number}"

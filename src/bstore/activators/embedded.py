@@ -233,7 +233,7 @@ class EmbeddedActivator(Activator):
 
     @contextlib.contextmanager
     def _connected(self) -> Iterator[AgentClient]:
-        if not self.node.status().running:
+        if not self.node.is_running():
             self._start_node([])
         with self.node.client() as client:
             self._client = client
@@ -382,22 +382,36 @@ class EmbeddedActivator(Activator):
     def do_restart(self, action: Action, entry: AppEntry) -> str:
         """Stop the old side, start the new one (loading the new modules over the old)."""
         old_vm = self._old_in_vm(action)
+        changed = self._changed_since_record(action.app, entry)
         if old_vm:
             self.vms.do_stop(action)
         else:
             stop_app(self._host(), action.app, self._old_ebin(action.app))
-            self._record(None, action.app)
         if runs_in_vm(entry):
+            if not old_vm:
+                self._record(None, action.app)
             return "restarted: " + self.vms.do_start(entry, self._new)
+        # The record keeps naming the old build until the new one started: a kill in
+        # between leaves a stopped app the next plan starts again (drift).
         client = self._host()
         self.roots.set("host", entry.name, str(entry.output))
         ebins = closure_ebins(self.store_dir, self._new, entry)
         for d in reversed(ebins):
             client.add_patha(d)
-        load_new_code(client, app_ebin(self.store_dir, entry), entry)
+        load_new_code(client, app_ebin(self.store_dir, entry), entry, changed)
         start_app(client, [], entry)
         self._record(entry, entry.name)
         return "restarted"
+
+    def _changed_since_record(self, app: str, entry: AppEntry) -> list[str] | None:
+        """The modules of ``entry`` whose code differs from the build the host node runs
+        (None: load them all). Known only when the record names the old generation's
+        build of ``app``: then the loaded code is that build's, module by module."""
+        old = self._old.apps.get(app) if self._old is not None else None
+        rec = read_managed(self._records).get(app)
+        if old is None or rec is None or rec.output != str(old.output) or runs_in_vm(old):
+            return None
+        return [m for m, digest in entry.modules.items() if old.modules.get(m) != digest]
 
     def do_reload(self, action: Action, entry: AppEntry) -> str:
         """Reload the changed modules in place (restart if that fails)."""

@@ -105,9 +105,11 @@ class RunningRoots:
 
     def sync(self, group: str, wanted: Mapping[str, str]) -> None:
         """Make ``group`` hold exactly ``wanted`` (app → output base name)."""
+        have = self.read(group)
         for app, output in wanted.items():
-            self.set(group, app, output)
-        for app in self.read(group):
+            if have.get(app) != output:
+                self.set(group, app, output)
+        for app in have:
             if app not in wanted:
                 self.remove(group, app)
         directory = self._group(group)

@@ -374,6 +374,11 @@ class HostNode:
 
     # ------------------------------------------------------------ status
 
+    def is_running(self) -> bool:
+        """Whether the recorded node process is alive (no question to its agent)."""
+        record = self.read_record()
+        return record is not None and _is_running(record)
+
     def status(self, timeout: float = 5.0) -> HostNodeStatus:
         """Whether the node runs, whether its agent answers, and its ``node_info``."""
         record = self.read_record()

@@ -128,11 +128,13 @@ def stop_app(client: AgentClient, app: str, ebin: Path | None) -> None:
         client.del_path(ebin)
 
 
-def load_new_code(client: AgentClient, ebin: Path, entry: AppEntry) -> None:
-    """Make ``entry``'s modules current (after the app stopped): the old version's code
-    would otherwise stay loaded and be what starts again. Raises
-    :class:`LingeringProcessesError` if something still runs the code being replaced."""
-    for module in entry.modules:
+def load_new_code(client: AgentClient, ebin: Path, entry: AppEntry,
+                  modules: Sequence[str] | None = None) -> None:
+    """Make ``entry``'s modules (or just ``modules``: those whose code changed) current,
+    after the app stopped: the old version's code would otherwise stay loaded and be what
+    starts again. Raises :class:`LingeringProcessesError` if something still runs the
+    code being replaced."""
+    for module in entry.modules if modules is None else modules:
         client.load_module(module, ebin / f"{module}.beam")
 
 

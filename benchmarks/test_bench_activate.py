@@ -1,0 +1,211 @@
+"""Generation switch with 1 of 50 embedded apps changed, and its rollback: bstore's
+embedded activator on a real host node vs the same stop + start done directly in one
+``erl`` shell.
+
+Input: 50 small OTP apps (``a01`` … ``a50``, each a supervisor, a stateful gen_server and
+a TCP helper module; compiled with ``erlc``), all running. Generation 1 has every app at
+1.0.0; generation 2 changes ``a07`` to 2.0.0 (new code).
+
+bstore side (wall time of the whole command-level call, VM already running):
+``switch_to_number(profile, 2, hook=activation_hook(...))`` — profile lock, journal,
+link rename, plan against what runs (exactly one ``restart``, asserted from the plan's
+outcomes), stop ``a07``, code path, load the new modules, start, health confirmation,
+records and GC roots — then ``rollback(profile, hook=...)`` back to generation 1.
+Health confirmation ``health_settle`` is 0 here (a policy wait, not overhead: the
+default 0.3 s re-probe to catch crash loops adds exactly that); the first round's
+``commit_generation`` (which also writes the generation) is printed too.
+
+Peer: one ``erl -noshell`` VM with the same 50 apps started; in it, timed with
+``erlang:monotonic_time``: ``application:stop``, ``unload``, ``code:del_path`` of the
+old ``ebin``, ``add_patha`` of the new, purge + load of the modules whose code changed
+(what bstore loads too),
+``application:load``, ``set_env``, ``application:start`` — and the same back.
+
+Printed: medians and the ratio bstore/erl for the switch (target <= 2) and the rollback
+wall time (target <= 1 s plus the app's own start, i.e. the peer's time).
+
+Run: ``.venv/bin/pytest benchmarks/test_bench_activate.py -p no:xdist --benchmark-only -s``
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "activators"))
+
+from acthelpers import AppCompiler, AppDef, generation, short_root
+
+from bstore.activators.agent_build import compile_agent
+from bstore.activators.base import ActivatorContext, ApplyResult, activation_hook
+from bstore.activators.embedded import EmbeddedActivator
+from bstore.activators.plan import Action, ActionKind
+from bstore.generations.profiles import Profile
+from bstore.generations.switch import commit_generation, rollback, switch_to_number
+from bstore.store.local import LocalStore
+
+APPS = 50
+CHANGED = "a07"
+ROUNDS = 7
+TARGET = 2.0
+
+pytestmark = pytest.mark.skipif(shutil.which("erl") is None, reason="needs Erlang/OTP")
+
+
+class Counting(EmbeddedActivator):
+    """Remembers the plan and result of the last apply."""
+
+    last: tuple[list[Action], ApplyResult] | None = None
+
+    def apply(self, actions: Sequence[Action]) -> ApplyResult:
+        result = super().apply(actions)
+        self.last = (list(actions), result)
+        return result
+
+    def check_one_restart(self) -> None:
+        assert self.last is not None
+        actions, result = self.last
+        assert result.ok, result.to_json()
+        kinds = [a.kind for a in actions]
+        assert len(kinds) == APPS
+        assert kinds.count(ActionKind.RESTART) == 1 and kinds.count(ActionKind.KEEP) == APPS - 1
+        restarted = [o.action.app for o in result.outcomes
+                     if o.action.kind is ActionKind.RESTART]
+        assert restarted == [CHANGED]
+
+
+PEER = r"""
+Apps = [list_to_atom(A) || A <- string:tokens(os:getenv("BENCH_APPS"), ",")],
+Changed = list_to_atom(os:getenv("BENCH_CHANGED")),
+Old = os:getenv("BENCH_OLD"), New = os:getenv("BENCH_NEW"), Dir = os:getenv("BENCH_DIR"),
+Rounds = list_to_integer(os:getenv("BENCH_ROUNDS")),
+[begin ok = application:load(A), ok = application:set_env(A, dir, Dir),
+       ok = application:start(A) end || A <- Apps],
+Mods = [list_to_atom(M) || M <- string:tokens(os:getenv("BENCH_MODS"), ",")],
+Move = fun(From, To) ->
+    T0 = erlang:monotonic_time(microsecond),
+    ok = application:stop(Changed),
+    ok = application:unload(Changed),
+    true = code:del_path(From),
+    true = code:add_patha(To),
+    [begin code:purge(M), {module, M} = code:load_abs(filename:join(To, atom_to_list(M)))
+     end || M <- Mods],
+    ok = application:load(Changed),
+    ok = application:set_env(Changed, dir, Dir),
+    ok = application:start(Changed),
+    erlang:monotonic_time(microsecond) - T0
+end,
+Times = [{Move(Old, New), Move(New, Old)} || _ <- lists:seq(1, Rounds)],
+[io:format("BENCH ~p ~p~n", [S, B]) || {S, B} <- Times],
+halt().
+"""
+
+
+def _peer(ebins: list[Path], old: Path, new: Path, mods: list[str], work: Path, rounds: int
+          ) -> tuple[list[float], list[float]]:
+    argv = ["erl", "-noshell", "-noinput"]
+    for d in ebins:
+        argv += ["-pa", str(d)]
+    env = {**os.environ, "BENCH_APPS": ",".join(f"a{i:02d}" for i in range(1, APPS + 1)),
+           "BENCH_CHANGED": CHANGED, "BENCH_OLD": str(old), "BENCH_NEW": str(new),
+           "BENCH_DIR": str(work), "BENCH_ROUNDS": str(rounds), "BENCH_MODS": ",".join(mods)}
+    out = subprocess.run([*argv, "-eval", PEER], env=env, capture_output=True, text=True,
+                         timeout=300, check=True)
+    pairs = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("BENCH ")]
+    assert len(pairs) == rounds, out.stdout + out.stderr
+    return [int(s) / 1e6 for s, _ in pairs], [int(b) / 1e6 for _, b in pairs]
+
+
+def test_switch_one_of_fifty_vs_erl_shell(benchmark: Any, tmp_path: Path) -> None:
+    root = short_root()
+    compiler = AppCompiler(tmp_path / "apps")
+    work = tmp_path / "obs"
+    work.mkdir()
+    names = [f"a{i:02d}" for i in range(1, APPS + 1)]
+    # erlc once per app, two at a time (the machine has two cores).
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda n: compiler.ebin(n, "1.0.0", 1), names))
+    compiler.ebin(CHANGED, "2.0.0", 2)
+    agent = compile_agent(tmp_path / "agent")
+    options = {"distribution": "off", "health_settle": "0", "health_timeout": "10"}
+    act = Counting(ActivatorContext(root, "default", options), agent_ebin=agent)
+    try:
+        with LocalStore.open(root) as store:
+            profile = Profile(store, "default")
+            hook = activation_hook(store, act)
+            g1 = generation(store, compiler, work, [AppDef(n) for n in names])
+            g2 = generation(store, compiler, work, [
+                AppDef(n, "2.0.0", variant=2) if n == CHANGED else AppDef(n) for n in names])
+            start = time.perf_counter()
+            commit_generation(profile, g1, hook=hook)
+            boot = time.perf_counter() - start
+            start = time.perf_counter()
+            commit_generation(profile, g2, hook=hook)
+            first = time.perf_counter() - start
+            act.check_one_restart()
+            start = time.perf_counter()
+            rollback(profile, hook=hook)
+            act.check_one_restart()
+            first_back = time.perf_counter() - start
+
+            switch: list[float] = []
+            back: list[float] = []
+
+            def one_round() -> None:
+                t0 = time.perf_counter()
+                switch_to_number(profile, 2, hook=hook, operation="activate")
+                t1 = time.perf_counter()
+                act.check_one_restart()
+                t2 = time.perf_counter()
+                rollback(profile, hook=hook)
+                t3 = time.perf_counter()
+                act.check_one_restart()
+                switch.append(t1 - t0)
+                back.append(t3 - t2)
+
+            for _ in range(ROUNDS):
+                one_round()
+            benchmark.pedantic(one_round, rounds=3, iterations=1)
+
+            old_ebin = store.store_dir / str(g1.apps[CHANGED].output) / "lib" / \
+                f"{CHANGED}-1.0.0" / "ebin"
+            new_ebin = store.store_dir / str(g2.apps[CHANGED].output) / "lib" / \
+                f"{CHANGED}-2.0.0" / "ebin"
+            peer_ebins = [store.store_dir / str(g1.apps[n].output) / "lib" / f"{n}-1.0.0" /
+                          "ebin" for n in names]
+        # The peer loads what bstore loads: the modules whose code changed.
+        mods = [m for m, h in g2.apps[CHANGED].modules.items()
+                if g1.apps[CHANGED].modules.get(m) != h]
+        assert mods == [f"{CHANGED}_srv"], mods
+        peer_switch, peer_back = _peer(peer_ebins, old_ebin, new_ebin, mods, work, ROUNDS)
+    finally:
+        act.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+    ms = 1000.0
+    s_med, p_med = statistics.median(switch), statistics.median(peer_switch)
+    b_med, pb_med = statistics.median(back), statistics.median(peer_back)
+    print(
+        f"\n[activate] {APPS} embedded apps, 1 changed ({CHANGED} 1.0.0 -> 2.0.0), "
+        f"{ROUNDS} rounds, exactly 1 restart each (asserted):\n"
+        f"  switch:   bstore median {s_med * ms:.1f} ms / best {min(switch) * ms:.1f} ms | "
+        f"erl shell median {p_med * ms:.2f} ms / best {min(peer_switch) * ms:.2f} ms | "
+        f"ratio median {s_med / p_med:.1f}, best {min(switch) / min(peer_switch):.1f} "
+        f"(target <= {TARGET})\n"
+        f"  rollback: bstore median {b_med * ms:.1f} ms / max {max(back) * ms:.1f} ms | "
+        f"app's own stop+start (erl) median {pb_med * ms:.2f} ms "
+        f"(target <= 1000 ms + that)\n"
+        f"  first commit_generation of the change (writes the generation): "
+        f"{first * ms:.1f} ms; first rollback {first_back * ms:.1f} ms; "
+        f"boot of generation 1 (node + {APPS} apps): {boot * ms:.0f} ms"
+    )
