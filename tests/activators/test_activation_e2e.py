@@ -455,3 +455,25 @@ def test_guests_rejoin_a_restarted_host_node(
         assert guest.node.read_record().pid == vm_pid  # type: ignore[union-attr]
     finally:
         act.shutdown()
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (("bstore_default@127.0.0.1",), "false"),      # this node is not distributed
+    (("no_at_sign",), "false"),
+    ((5,), "bad_args"),
+    (("a@b", "extra"), "bad_args"),
+])
+def test_connect_node_is_narrow(act: Recording, args: tuple[object, ...],
+                                expected: str) -> None:
+    from bstore.activators.agent_client import AgentOpError
+    from bstore.specs.terms.model import Atom
+
+    act.boot()
+    with act.node.client() as client:
+        if expected == "false":
+            assert client.connect_node(str(args[0])) is False
+            return
+        terms = [Atom(a) if isinstance(a, str) else a for a in args]
+        with pytest.raises(AgentOpError) as err:
+            client._call_interned("connect_node", *terms)
+        assert "bad_args" in err.value.message and "connect_node" in err.value.message
