@@ -6,7 +6,8 @@ generation manifest built from it in proportion to what changed.
 the same as in an earlier pass is not parsed again: its spec (or its problems) comes
 from the cache. Directories holding symlinks are always parsed (a link's target may
 change without the directory's tree changing). The cross-app checks (duplicates,
-unknown dependencies, cycles) run on every pass; they are cheap.
+unknown dependencies, cycles) run on every pass; they are cheap. :func:`annotate_store`
+tells, for ``bstore plan``, which outputs to build are already in the store.
 
 :func:`merge_manifest` builds the next generation's manifest from the active one: apps
 whose code is unchanged keep their entry (only the spec fields are replaced: env,
@@ -16,15 +17,17 @@ health, depends_on, isolation, vm_config), so only rebuilt apps cost store queri
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pygit2
 
 from bstore.errors import BstoreError
 from bstore.generations.generation import AppBuild, GenerationError, make_manifest
 from bstore.generations.manifest import AppEntry, GenerationManifest, SourceIdentity
+from bstore.gitops.planner import BuildNeed, ReconcilePlan
 from bstore.specs.directory import (
     AppsResult,
     cross_check,
@@ -259,3 +262,28 @@ def drop_orphans(kept: dict[str, AppEntry], built: list[AppBuild],
                     built.remove(b)
                     changed = True
                     break
+
+
+def annotate_store(store: LocalStore, plan: ReconcilePlan, desired: Mapping[str, AppSpec],
+                   hex_repos: Any, log: Callable[[str], None] = lambda _m: None
+                   ) -> ReconcilePlan:
+    """``plan`` with ``in_store`` and ``output`` set for each app to build: the realiser
+    plans them (fetching their sources) and the store says whether each output is there."""
+    import httpx
+
+    from bstore.builders.realise import Realiser
+    from bstore.builders.sources import Fetcher
+
+    with httpx.Client(trust_env=False) as client:
+        realiser = Realiser(Fetcher(store, client, hex_repos=hex_repos, log=log), log=log)
+        built = realiser.plan([desired[n] for n in plan.to_build], jobs=os.cpu_count() or 1)
+    changes = []
+    for c in plan.changes:
+        app = built.apps.get(c.name) if c.build is BuildNeed.BUILD else None
+        if app is not None and app.key is not None:
+            out = built.nodes[app.key].out
+            c = replace(c, in_store=store.is_valid(out), output=store.full_path(out))
+        elif app is not None and app.error is not None:
+            c = replace(c, error=app.error.message)
+        changes.append(c)
+    return replace(plan, changes=tuple(changes))

@@ -28,14 +28,10 @@ waits, or with ``wait=False`` gets :class:`ReconcileBusy` ("reconcile already ru
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
-import os
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -50,12 +46,14 @@ from bstore.generations.manifest import AppEntry, GenerationManifest
 from bstore.gitops.config import Config
 from bstore.gitops.desired import (
     SpecCache,
+    annotate_store,
     app_errors,
     drop_orphans,
     merge_manifest,
     reuse_entry,
     spec_from_entry,
 )
+from bstore.gitops.lock import LOCK_FILE, ReconcileBusy, ReconcileError, reconcile_lock
 from bstore.gitops.planner import (
     BuildNeed,
     ChangeKind,
@@ -80,25 +78,17 @@ from bstore.gitops.status import (
 from bstore.specs.model import AppSpec
 from bstore.store.local import LocalStore
 
+__all__ = ["LOCK_FILE", "QUARANTINE_FILE", "STATE_FILE", "ReconcileBusy", "ReconcileError",
+           "ReconcileResult", "Reconciler"]
+
 QUARANTINE_FILE = "quarantine.json"
 STATE_FILE = "reconciler.json"
-LOCK_FILE = "reconcile.lock"
 
-_THREAD_LOCKS: dict[Path, threading.Lock] = {}
-_THREAD_LOCKS_GUARD = threading.Lock()
 
 #: Per-app events, by plan kind (the seed's telemetry names).
 _KIND_EVENT = {ChangeKind.DEPLOY: "deploy", ChangeKind.UPGRADE: "upgrade",
                ChangeKind.RESTART: "reconfigure", ChangeKind.RECONFIGURE: "reconfigure",
                ChangeKind.UPDATE: "reconfigure", ChangeKind.REMOVE: "remove"}
-
-
-class ReconcileError(BstoreError):
-    """A manual operation or pass that cannot be done."""
-
-
-class ReconcileBusy(ReconcileError):
-    """Another pass or manual operation holds the lock."""
 
 
 @dataclass(frozen=True)
@@ -181,35 +171,9 @@ class Reconciler:
                 ActivatorContext(self.root, self.config.profile, echo=self.echo))
         return self._activator
 
-    @contextmanager
-    def locked(self, *, wait: bool = True) -> Iterator[None]:
-        """Hold the reconcile lock of this profile (threads and processes)."""
-        self.gitops_dir.mkdir(parents=True, exist_ok=True)
-        key = self.gitops_dir.resolve()
-        with _THREAD_LOCKS_GUARD:
-            tlock = _THREAD_LOCKS.setdefault(key, threading.Lock())
-        if not tlock.acquire(blocking=wait):
-            raise self._busy()
-        try:
-            fd = os.open(self.gitops_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-                except OSError as exc:
-                    if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        raise self._busy() from exc
-                    raise
-                yield
-            finally:
-                os.close(fd)
-        finally:
-            tlock.release()
-
-    def _busy(self) -> ReconcileBusy:
-        return ReconcileBusy(
-            f"reconcile already running for profile {self.config.profile!r}"
-            f" ({self.gitops_dir / LOCK_FILE})",
-            hint="wait for it to finish; bstore status shows its result")
+    def locked(self, *, wait: bool = True) -> AbstractContextManager[None]:
+        """Hold the reconcile lock of this profile (see :mod:`.lock`)."""
+        return reconcile_lock(self.gitops_dir, self.config.profile, wait=wait)
 
     def _read_json(self, name: str) -> dict[str, Any]:
         try:
@@ -313,31 +277,8 @@ class Reconciler:
                 running=self.activator.current_state(), commit=synced.commit,
                 problems=problems)
             if check_store and plan.to_build:
-                plan = self._annotate_store(store, plan, specs.specs)
+                plan = annotate_store(store, plan, specs.specs, self._hex_repos(), self.log)
             return plan
-
-    def _annotate_store(self, store: LocalStore, plan: ReconcilePlan,
-                        desired: Mapping[str, AppSpec]) -> ReconcilePlan:
-        import httpx
-
-        from bstore.builders.realise import Realiser
-        from bstore.builders.sources import Fetcher
-
-        with httpx.Client(trust_env=False) as client:
-            realiser = Realiser(Fetcher(store, client, hex_repos=self._hex_repos(),
-                                        log=self.log), log=self.log)
-            built = realiser.plan([desired[n] for n in plan.to_build],
-                                  jobs=os.cpu_count() or 1)
-        changes = []
-        for c in plan.changes:
-            app = built.apps.get(c.name) if c.build is BuildNeed.BUILD else None
-            if app is not None and app.key is not None:
-                out = built.nodes[app.key].out
-                c = replace(c, in_store=store.is_valid(out), output=store.full_path(out))
-            elif app is not None and app.error is not None:
-                c = replace(c, error=app.error.message)
-            changes.append(c)
-        return replace(plan, changes=tuple(changes))
 
     def _last_applied(self, active: GenerationManifest | None) -> str | None:
         applied = self._state().get("applied")
