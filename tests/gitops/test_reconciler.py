@@ -425,3 +425,24 @@ def test_a_pass_emits_the_seed_telemetry_in_order(world: World) -> None:
     assert stop.measurements["duration"] > 0
     check = world.recorder.of("bstore.health.check")[0]
     assert check.metadata["app"] == "web" and check.metadata["result"] == "healthy"
+
+
+def test_an_os_error_mid_pass_is_reported_not_raised(world: World) -> None:
+    import errno
+
+    world.push(app_files(web=spec_yaml("web")))
+    world.reconciler.reconcile_once()
+
+    def full(_store: object) -> object:
+        def build(_specs: object) -> object:
+            raise OSError(errno.ENOSPC, "No space left on device", "/state/store")
+        return build
+
+    broken = world.make()
+    broken._builder = full  # type: ignore[assignment]
+    world.push(app_files(web=spec_yaml("web", "2.0.0")))
+    r = broken.reconcile_once()
+    assert r.state is State.ERROR
+    assert "No space left on device (/state/store)" in (r.error or "")
+    assert world.versions() == {"web": "1.0.0"}
+    assert world.recorder.of("bstore.reconcile.error")

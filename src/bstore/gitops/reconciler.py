@@ -305,6 +305,13 @@ class Reconciler:
                 result = self._pass()
             except BstoreError as exc:
                 result = self._failed_pass(exc)
+            except OSError as exc:
+                # The state dir or store failing under us (disk full, permissions): the
+                # pass stops, the apps keep running, the status says why.
+                result = self._failed_pass(ReconcileError(
+                    f"reconcile of profile {self.config.profile!r} failed:"
+                    f" {exc.strerror or exc} ({exc.filename or self.root})",
+                    hint="check the state directory (space, permissions)"))
             duration = (time.monotonic() - started) * 1000.0
             result = replace(result, duration_ms=duration)
             if result.error is not None and result.state is State.ERROR:
