@@ -8,9 +8,11 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,15 +51,20 @@ def wait_for(predicate: Callable[[], bool], what: str, deadline: float = DEADLIN
 class Setup:
     """A specs repo with one erlc app (git source), a state root and a bstore.toml."""
 
-    def __init__(self, tmp: Path, activator: str) -> None:
+    def __init__(self, tmp: Path, activator: str, *, vm_app: bool = False) -> None:
         self.tmp = tmp
         self.plain = rh.git_repo(sample_apps.erlc_app(tmp / "repos"))
         self.source_ref = rh.git(self.plain, "rev-parse", "HEAD").strip()
+        # With vm_app, a second app runs in a VM of its own (the vm activator's part).
+        self.vm_repo = rh.git_repo(sample_apps.erlc_app(tmp / "repos", "vmapp")) \
+            if vm_app else None
         self.remote = GitRemote(tmp / "git")
-        self.root = tmp / "state"
+        # Unix socket paths are limited to 107 bytes: xdist's tmp paths leave too little
+        # room for nodes/<profile>/vms/<app>/agent.sock, so the state root is short.
+        self.root = Path(tempfile.mkdtemp(prefix="bsd-", dir="/tmp"))
         # A profile per test: the host node's name derives from it, and tests run in
         # parallel against one epmd.
-        self.profile = "d" + hashlib.sha256(str(tmp).encode()).hexdigest()[:10]
+        self.profile = "d" + hashlib.sha256(str(tmp).encode()).hexdigest()[:6]
         self.config = tmp / "bstore.toml"
         self.log = tmp / "daemon.log"
         self.config.write_text(
@@ -68,7 +75,13 @@ class Setup:
     def push_spec(self, version: str = "1.0.0", message: str = "change") -> str:
         spec = {"name": "plainapp", "version": version,
                 "source": {"type": "git", "url": self.plain.as_uri(), "ref": self.source_ref}}
-        commit = self.remote.commit({"apps/plainapp/app.json": json.dumps(spec)}, message)
+        files = {"apps/plainapp/app.json": json.dumps(spec)}
+        if self.vm_repo is not None:
+            ref = rh.git(self.vm_repo, "rev-parse", "HEAD").strip()
+            files["apps/vmapp/app.json"] = json.dumps(
+                {"name": "vmapp", "version": "1.0.0", "isolation": "vm",
+                 "source": {"type": "git", "url": self.vm_repo.as_uri(), "ref": ref}})
+        commit = self.remote.commit(files, message)
         self.remote.push()
         return commit
 
@@ -77,16 +90,22 @@ class Setup:
 
 
 @pytest.fixture
-def dry(tmp_path: Path) -> Setup:
-    return Setup(tmp_path, "dry-run")
+def dry(tmp_path: Path) -> Iterator[Setup]:
+    s = Setup(tmp_path, "dry-run")
+    yield s
+    shutil.rmtree(s.root, ignore_errors=True)
 
 
 @pytest.fixture
 def embedded(tmp_path: Path) -> Iterator[Setup]:
-    s = Setup(tmp_path, "embedded")
+    s = Setup(tmp_path, "embedded", vm_app=True)
     yield s
+    if s.log.exists():
+        print(s.log.read_text())  # shown when the test failed
     subprocess.run(s.args("node", "stop", "-p", s.profile), capture_output=True, timeout=60,
                    check=False)
+    subprocess.run(["chmod", "-R", "u+w", str(s.root)], check=False)
+    shutil.rmtree(s.root, ignore_errors=True)
 
 
 def start_daemon(s: Setup, *extra: str) -> tuple[subprocess.Popen[str], str]:
@@ -125,6 +144,7 @@ def test_daemon_follows_new_commits_and_sigterm_leaves_the_apps_running(
             status = client.get("/status").json()
             assert status["state"] == "synced" and status["profile"] == s.profile
             assert client.get("/apps/plainapp").json()["status"] == "running"
+            assert client.get("/apps/vmapp").json()["status"] == "running"
 
             # A new commit is found by the timed loop alone.
             second = s.push_spec("1.0.1", "upgrade")
@@ -148,13 +168,14 @@ def test_daemon_follows_new_commits_and_sigterm_leaves_the_apps_running(
             assert gens[-1]["current"] is True
             metrics = client.get("/metrics").text
             assert re.search(r'bstore_reconciles_total\{result="synced"\} [1-9]', metrics)
-            assert 'bstore_apps{status="running"} 1.0' in metrics
+            assert 'bstore_apps{status="running"} 2.0' in metrics
             assert re.search(r'bstore_builds_total\{result="done"\} [1-9]', metrics)
             assert re.search(r'bstore_health_checks_total\{result="healthy"\} [1-9]', metrics)
             assert not re.search(r"bstore_last_successful_reconcile_timestamp_seconds 0", metrics)
             events = client.get("/events", params={"prefix": "bstore.deploy"}).json()
-            assert [e["name"] for e in events["events"]] == ["bstore.deploy.start",
-                                                              "bstore.deploy.stop"]
+            assert sorted((e["name"], e["metadata"]["app"]) for e in events["events"]) == [
+                ("bstore.deploy.start", "plainapp"), ("bstore.deploy.start", "vmapp"),
+                ("bstore.deploy.stop", "plainapp"), ("bstore.deploy.stop", "vmapp")]
             upgrades = client.get("/events", params={"prefix": "bstore.upgrade"}).json()
             assert [e["metadata"]["app"] for e in upgrades["events"]] == ["plainapp"] * 4
             assert client.get("/apps/plainapp").json()["version"] == "1.0.2"
@@ -176,6 +197,7 @@ def test_daemon_follows_new_commits_and_sigterm_leaves_the_apps_running(
             assert "99" in nothing.json()["message"]
 
         pid = node_status(s)["pid"]
+        vm_pid = vm_record(s)["pid"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(DEADLINE) == 0, s.log.read_text()
         err = s.log.read_text()
@@ -183,6 +205,37 @@ def test_daemon_follows_new_commits_and_sigterm_leaves_the_apps_running(
         after = node_status(s)
         assert after["running"] is True and after["pid"] == pid
         assert after["apps"]["plainapp"]["status"] == "running"
+        assert after["apps"]["vmapp"]["status"] == "running"
+        assert vm_record(s)["pid"] == vm_pid
+        os.kill(vm_pid, 0)  # the VM process itself is alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def vm_record(s: Setup) -> dict[str, Any]:
+    path = s.root / "nodes" / s.profile / "vms" / "vmapp" / "node.json"
+    return dict(json.loads(path.read_text()))
+
+
+def test_the_daemon_supervises_vms(embedded: Setup) -> None:
+    """With an hour between passes only the supervision thread can restart a killed VM."""
+    s = embedded
+    s.config.write_text(s.config.read_text().replace('"300ms"', '"1h"'))
+    s.push_spec(message="first")
+    proc, url = start_daemon(s)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            wait_for(lambda: client.get("/status").json()["state"] == "synced", "synced")
+        old = vm_record(s)["pid"]
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: vm_record(s)["pid"] != old, "the supervisor to restart the VM")
+        wait_for(lambda: "supervisor: vmapp: restarted" in s.log.read_text(),
+                 "the supervisor's log line")
+        assert node_status(s)["apps"]["vmapp"]["status"] == "running"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(DEADLINE) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -555,13 +555,18 @@ class Daemon:
 
     def _supervise_loop(self) -> None:
         assert self._supervise is not None
+        said: set[str] = set()
         while not self._stopping.wait(self._supervise_interval):
             # Never act on VMs while a pass is activating them; the next round catches up.
             if not self._pass_lock.acquire(blocking=False):
                 continue
             try:
-                for line in self._supervise():
-                    self._say(f"supervisor: {line}")
+                lines = list(self._supervise())
+                # A VM that keeps failing the same way says so once, not every round.
+                for line in lines:
+                    if line not in said:
+                        self._say(f"supervisor: {line}")
+                said = set(lines)
             except (BstoreError, OSError) as exc:
                 self._say(f"supervisor: {exc}")
             except Exception:
