@@ -72,9 +72,15 @@ BuildFn = Callable[[Sequence[AppSpec]], BuildOutcome]
 
 def realise_builder(store: LocalStore, *, hex_repos: Any = None, jobs: int | None = None,
                     events: EventBus | None = None,
+                    substituters: Sequence[str] = (), trusted_keys: Sequence[str] = (),
+                    mesh_peers: Sequence[str] = (),
                     log: Callable[[str], None] = lambda _m: None) -> BuildFn:
     """A :data:`BuildFn` running the realiser on ``store``, ``jobs`` derivations at a time
-    (default: one per core), emitting ``bstore.build.start|stop`` per derivation."""
+    (default: one per core), emitting ``bstore.build.start|stop`` per derivation.
+
+    Outputs a trusted cache among ``substituters`` has are fetched, not built; mesh
+    sources come from ``mesh_peers``.
+    """
     bus = events or default_bus
 
     def build(specs: Sequence[AppSpec]) -> BuildOutcome:
@@ -100,12 +106,23 @@ def realise_builder(store: LocalStore, *, hex_repos: Any = None, jobs: int | Non
             bus.emit("bstore.build.stop", {"duration": (time.monotonic() - t0) * 1000.0},
                      derivation=label, result=state)
 
+        subs = None
+        if substituters:
+            from bstore.store.cache.binary_cache import Substituters
+            from bstore.store.signing import TrustedKeys
+
+            subs = Substituters(list(substituters), TrustedKeys.parse(list(trusted_keys)))
         with httpx.Client(trust_env=False) as client:
-            fetcher = Fetcher(store, client, hex_repos=hex_repos or Repos(), log=log)
+            fetcher = Fetcher(store, client, hex_repos=hex_repos or Repos(),
+                              mesh_peers=tuple(mesh_peers), log=log)
             realiser = Realiser(fetcher, progress=Progress(on_start=on_start,
-                                                           on_finish=on_finish), log=log)
+                                                           on_finish=on_finish),
+                                substituters=subs, log=log)
             report = realiser.build(list(specs), jobs=jobs or os.cpu_count() or 1,
                                     keep_going=True)
+        if subs is not None:
+            for error in subs.report.errors:
+                log(f"substituter: {error}")
         by_name = {s.name: s for s in specs}
         builds: dict[str, AppBuild] = {}
         errors: dict[str, str] = {}

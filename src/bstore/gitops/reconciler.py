@@ -203,7 +203,9 @@ class Reconciler:
         if self._builder is not None:
             return self._builder(store)
         return realise_builder(store, hex_repos=self._hex_repos(), events=self.events,
-                               log=self.log)
+                               substituters=self.config.substituters,
+                               trusted_keys=self.config.trusted_public_keys,
+                               mesh_peers=self.config.mesh_peers, log=self.log)
 
     def _hex_repos(self) -> Any:
         from bstore.builders.hex.repos import HexRepo, Repos
