@@ -40,7 +40,6 @@ so POSTs are never open and a local operator can still read it.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import importlib
 import json
 import logging
@@ -49,16 +48,18 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from bstore.errors import BstoreError
 from bstore.events import EventBus, EventRing, Handle, JsonLinesSink, default_bus
+from bstore.gitops.activation_ops import Supervise, default_supervise, rollback_with_pipeline
 from bstore.gitops.config import Config
 from bstore.gitops.http_api import ApiServer, Conflict
 from bstore.gitops.metrics import Metrics, app_statuses
+from bstore.gitops.pidlock import LockHeld, PidLock
+from bstore.gitops.views import app_records, generation_rows, iso, to_jsonable
 from bstore.store.atomic import fsync_path
 
 _log = logging.getLogger("bstore.gitops.daemon")
@@ -102,40 +103,11 @@ class ReconcilerLike(Protocol):
         """The current status (a value with ``to_dict()``, a dataclass or a dict)."""
 
 
-#: One supervision round; returns a line per thing it did.
-Supervise = Callable[[], Sequence[str]]
 #: Rolls the profile back to a generation (``None``: the previous) and activates it.
 RollbackFn = Callable[[int | None], Any]
 
 
-def to_jsonable(value: Any) -> Any:
-    """A JSON-ready form of a status/result value: ``to_dict()``, dataclass, or as is."""
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    for method in ("to_dict", "to_json"):
-        convert = getattr(value, method, None)
-        if callable(convert):
-            converted = convert()
-            if not isinstance(converted, str):  # to_json() may also mean "a JSON string"
-                return to_jsonable(converted)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if hasattr(value, "value") and type(value).__module__ != "builtins":  # enums
-        return to_jsonable(value.value)
-    return str(value)
-
-
-def _iso(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
-
-
-def _write_json_atomic(path: Path, data: Mapping[str, Any], mode: int = 0o644) -> None:
+def write_json_atomic(path: Path, data: Mapping[str, Any], mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync dir)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -150,6 +122,7 @@ def _write_json_atomic(path: Path, data: Mapping[str, Any], mode: int = 0o644) -
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise DaemonError(f"cannot write {str(path)!r}: {exc.strerror}") from exc
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,53 +143,9 @@ class PassRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"number": self.number, "trigger": self.trigger, "started": _iso(self.started),
+        return {"number": self.number, "trigger": self.trigger, "started": iso(self.started),
                 "duration_ms": round(self.duration * 1000, 1), "ok": self.ok,
                 "error": self.error, "result": to_jsonable(self.result)}
-
-
-class PidLock:
-    """An exclusive flock on a file naming the holder's pid (one daemon per profile)."""
-
-    def __init__(self, path: Path, what: str) -> None:
-        self.path = path
-        self.what = what
-        self._fd: int | None = None
-
-    def holder(self) -> int | None:
-        """The pid written by the current holder (``None`` if unreadable)."""
-        try:
-            return int(json.loads(self.path.read_text())["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def acquire(self) -> None:
-        """Take the lock or raise :class:`DaemonRunning` naming the holder."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise DaemonError(f"cannot open lock file {str(self.path)!r}: {exc.strerror}"
-                              ) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            pid = self.holder()
-            raise DaemonRunning(
-                f"another bstore daemon (pid {pid if pid else 'unknown'}) is running for"
-                f" {self.what}; lock {str(self.path)!r} is held",
-                hint="stop it first (kill -TERM <pid>), or use another --root or profile",
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "started": _iso(time.time())}).encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        """Drop the lock (the file stays; its content is stale once unlocked)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 def _is_busy(exc: BstoreError) -> bool:
@@ -226,35 +155,6 @@ def _is_busy(exc: BstoreError) -> bool:
     except ImportError:  # pragma: no cover - the reconciler ships with the daemon
         return False
     return isinstance(exc, ReconcilerBusy)
-
-
-def _default_supervise(reconciler: object, bus: EventBus) -> Supervise | None:
-    """The activator's supervision round (dead host node, dead VMs) and its periodic
-    health checks (each app at its spec's interval; results become events), if any."""
-    activator = getattr(reconciler, "activator", None)
-    once = getattr(activator, "supervise_once", None)
-    if not callable(once):
-        supervisor = getattr(activator, "supervisor", None)
-        once = (lambda: supervisor().poll()) if callable(supervisor) else None
-    health_round = getattr(activator, "health_round", None)
-    if once is None and not callable(health_round):
-        return None
-    from bstore.activators.health import HealthSchedule
-
-    schedule = HealthSchedule()
-
-    def supervise() -> list[str]:
-        lines: list[str] = list(once()) if once is not None else []
-        if callable(health_round):
-            for result in health_round(schedule):
-                bus.emit("bstore.health.check", app=result.app, periodic=True,
-                         result="healthy" if result.healthy else "unhealthy",
-                         detail=result.detail)
-                if not result.healthy:
-                    lines.append(f"{result.app}: unhealthy: {result.detail}")
-        return lines
-
-    return supervise
 
 
 class Daemon:
@@ -348,7 +248,7 @@ class Daemon:
             return text
         token = secrets.token_urlsafe(32)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(self.token_file, {}, 0o600)  # create 0600 first, then fill
+        write_json_atomic(self.token_file, {}, 0o600)  # create 0600 first, then fill
         self.token_file.write_text(token + "\n", encoding="utf-8")
         return token
 
@@ -356,7 +256,10 @@ class Daemon:
 
     def _open(self) -> None:
         """Take the profile's daemon lock, attach the event sinks, make the reconciler."""
-        self._pid_lock.acquire()
+        try:
+            self._pid_lock.acquire()
+        except LockHeld as exc:
+            raise DaemonRunning(exc.message, exc.hint) from exc
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self._suspended = self._load_suspended()
@@ -366,7 +269,7 @@ class Daemon:
                 self._handles.append(self.bus.attach(pattern, handler))
             reconciler = self.reconciler
             if self._supervise is None:
-                self._supervise = _default_supervise(reconciler, self.bus)
+                self._supervise = default_supervise(reconciler, self.bus)
         except BaseException:
             self._teardown()
             raise
@@ -530,7 +433,7 @@ class Daemon:
     def _busy(self) -> ReconcileBusy:
         with self._state_lock:
             running = self._running
-        what = (f"a {running[0]} pass started at {_iso(running[1])}" if running
+        what = (f"a {running[0]} pass started at {iso(running[1])}" if running
                 else "another operation")
         return ReconcileBusy(f"a reconcile pass is already running ({what})",
                              hint="retry when it finishes (GET /status shows it)")
@@ -598,8 +501,8 @@ class Daemon:
         """Suspend timed and webhook passes (persisted)."""
         with self._state_lock:
             if self._suspended is None:
-                self._suspended = {"since": _iso(time.time()), "reason": reason}
-                _write_json_atomic(self.state_file, {"suspended": True, **self._suspended})
+                self._suspended = {"since": iso(time.time()), "reason": reason}
+                write_json_atomic(self.state_file, {"suspended": True, **self._suspended})
                 changed = True
             else:
                 changed = False
@@ -614,7 +517,7 @@ class Daemon:
             changed = self._suspended is not None
             self._suspended = None
             if changed:
-                _write_json_atomic(self.state_file, {"suspended": False})
+                write_json_atomic(self.state_file, {"suspended": False})
         if changed:
             self.bus.emit("bstore.daemon.resume", profile=self.config.profile)
             self._say("reconcile loop resumed")
@@ -630,7 +533,8 @@ class Daemon:
             raise self._busy()
         try:
             fn = self._rollback or getattr(self.reconciler, "rollback", None) \
-                or self._activate_generation
+                or (lambda n: rollback_with_pipeline(self.reconciler, self.config, self.root,
+                                                     self.bus, n))
             try:
                 result = fn(to)
             except BstoreError as exc:
@@ -649,40 +553,6 @@ class Daemon:
             self._pass_lock.release()
         return {"ok": ok, "rollback": to_jsonable(result), "suspended": self.suspended}
 
-    def _activate_generation(self, to: int | None) -> Any:
-        """Roll back with the activation pipeline, under the reconciler's lock: switch to
-        ``to`` (default: the generation before the current), activate, health-check; a
-        failure switches back (the result says so)."""
-        from contextlib import nullcontext
-
-        from bstore.activation import Pipeline
-        from bstore.generations.profiles import ProfileError
-        from bstore.store.local import LocalStore
-
-        locked = getattr(self.reconciler, "locked", None)
-        with locked(wait=False) if callable(locked) else nullcontext(), \
-                LocalStore.open(self.root, create=False) as store:
-            pipeline = Pipeline(store, self.config.profile,
-                                getattr(self.reconciler, "activator", None), events=self.bus,
-                                health_timeout=self.config.health.timeout)
-            pipeline.recover()
-            profile = pipeline.profile
-            if to is None:
-                current = profile.current_number()
-                to = None if current is None else profile.previous_number(current)
-                if to is None:
-                    raise ProfileError(
-                        f"profile {profile.name!r} has no generation before"
-                        f" {current if current is not None else 'none'} to roll back to",
-                        hint="GET /generations lists them")
-            else:
-                profile.get(to)  # a missing number is a ProfileError naming it
-            with self.bus.span("bstore.rollback", to_generation=to,
-                               from_generation=profile.current_number()) as span:
-                result = pipeline.activate_generation(to)
-                span.set(result="ok" if result.ok else "failed")
-            return result
-
     # -- reading ----------------------------------------------------------------------------
 
     def _reconciler_status(self) -> dict[str, Any]:
@@ -695,12 +565,12 @@ class Daemon:
             running, last, passes = self._running, self._last, self._passes
             suspended = dict(self._suspended) if self._suspended is not None else None
         return {
-            "pid": os.getpid(), "started": _iso(self._started), "profile": self.config.profile,
+            "pid": os.getpid(), "started": iso(self._started), "profile": self.config.profile,
             "interval_seconds": self.config.reconcile_interval,
             "loop": "suspended" if suspended is not None else "running",
             "suspended": suspended, "passes": passes,
             "pass_running": None if running is None else {"trigger": running[0],
-                                                          "started": _iso(running[1])},
+                                                          "started": iso(running[1])},
             "last_pass": None if last is None else last.to_dict(),
             "api": self.api_url, "event_log": str(self.event_log),
         }
@@ -714,41 +584,11 @@ class Daemon:
 
     def apps(self) -> list[dict[str, Any]]:
         """Per-app records of the status, each with ``name``."""
-        apps = self._reconciler_status().get("apps") or []
-        if isinstance(apps, Mapping):
-            return [{"name": name, **(dict(rec) if isinstance(rec, Mapping) else
-                                      {"status": rec})} for name, rec in sorted(apps.items())]
-        return [dict(rec) for rec in apps if isinstance(rec, Mapping)]
+        return app_records(self._reconciler_status())
 
     def generations(self) -> list[dict[str, Any]]:
         """The profile's generations (number, date, current, store path, commit, apps)."""
-        from bstore.generations.generation import load_generation
-        from bstore.generations.profiles import Profile
-        from bstore.store.layout import StoreLayout
-        from bstore.store.local import LocalStore
-
-        if not StoreLayout(self.root).db_path.exists():
-            return []
-        rows: list[dict[str, Any]] = []
-        with LocalStore.open(self.root, create=False) as store:
-            profile = Profile(store, self.config.profile)
-            current = profile.current_number()
-            for gen in profile.generations():
-                row: dict[str, Any] = {
-                    "number": gen.number, "date": gen.created.isoformat(timespec="seconds"),
-                    "current": gen.number == current,
-                    "store_path": store.full_path(gen.store_path),
-                    "commit": None, "apps": [], "error": None}
-                try:
-                    manifest = load_generation(store, gen.store_path)
-                except BstoreError as exc:  # one damaged generation must not hide the rest
-                    row["error"] = exc.message
-                else:
-                    row["commit"] = manifest.commit
-                    row["apps"] = [{"name": a.name, "version": a.version}
-                                   for a in manifest.apps.values()]
-                rows.append(row)
-        return rows
+        return generation_rows(self.root, self.config.profile)
 
     def recent_events(self, after: int = 0, prefix: str | None = None,
                       limit: int | None = None) -> list[dict[str, Any]]:
