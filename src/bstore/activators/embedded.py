@@ -10,7 +10,10 @@ dependency order), which is also what brings it back after a crash or a reboot
 cluster, so this one activator runs a whole generation.
 
 ``apps.json`` next to the node's record lists the apps bstore started in it (so OTP and
-library applications are never mistaken for strays). Options (``ActivatorContext``):
+library applications are never mistaken for strays); the same apps' outputs are GC roots
+(``gcroots/nodes/<profile>/host/<app>``, :mod:`bstore.activators.gcroots`) until they
+leave the node or the node stops, so ``generations delete`` + GC never removes code a
+running node may still load. Options (``ActivatorContext``):
 
 =================  ===============================================================
 ``distribution``   ``on`` (default): the host node is ``bstore_<profile>@127.0.0.1``,
