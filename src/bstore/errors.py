@@ -11,14 +11,30 @@ this tree at the boundary with ``raise ... from exc``. The CLI catches only
 ::
 
     BstoreError
-    ├── StoreError              (bstore.store)      store layout, database, locking
-    │   ├── InvalidStorePath                          a name or digest that is not valid
-    │   ├── InvalidTreeError                          a tree that cannot be added
-    │   ├── ArchiveError                              a malformed or lying export stream
-    │   ├── StoreLockedError                          database busy beyond the retry bound
-    │   └── PathNotValidError                         a path that is not registered
-    └── SpecError               (bstore.specs)      app specs and Erlang terms
-        └── TermSyntaxError                           positioned Erlang-term parse error
+    ├── store      StoreError (ArchiveError, PathMetaError, CacheFormatError,
+    │              PathNotValidError, StoreLockedError), InvalidStorePath,
+    │              InvalidTreeError, CacheError (CacheMissing, CacheUnavailable,
+    │              CacheTooLarge, CacheAuthError, BlobError), SigningKeyError,
+    │              SignatureError, MeshError
+    ├── specs      SpecError, InvalidSpec, TermSyntaxError, TermReadError,
+    │              TermFormatError
+    ├── builders   SourceError (MeshUnavailable), GitFetchError, HexError (RegistryError,
+    │              TarballError, VersionError, ResolutionError, LockError,
+    │              ProtobufError), DownloadError (ChecksumMismatch, DownloadTooLarge),
+    │              UnsafeArchiveError, BuildError (BuildSystemNotDetected),
+    │              RealiseError (DerivationFailed), InvalidDerivation, CycleError,
+    │              ToolchainError, DeclaredDepsError
+    ├── generations GenerationError, ManifestError, ProfileError, JournalError
+    ├── activators ActivatorError, ActivationFailed, AgentError (AgentUnavailable,
+    │              AgentProtocolError, AgentOpError (LingeringProcessesError)),
+    │              EtfError, HostNodeError, VmError, CookieError, CgroupError,
+    │              SwitchAborted
+    └── gitops     ConfigError, RepoSyncError (RepoUnreachableError,
+                   CommitRefusedError, SignatureError, UnsafeCheckoutError),
+                   ReconcileError (ReconcileBusy), DaemonError, ApiError (HTTP
+                   status errors), StatusError, EventError
+
+Each class lives next to the concept that raises it; this drawing is the index.
 """
 
 from __future__ import annotations
