@@ -19,7 +19,7 @@ from test_daemon import TOKEN, FakeReconciler, make_config, wait_for
 
 from bstore.events import EventBus
 from bstore.gitops.daemon import Daemon
-from bstore.gitops.http_api import MAX_BODY, ROUTES
+from bstore.gitops.http_api import MAX_BODY, ROUTES, ApiError
 
 SECRET = "webhook-secret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -68,6 +68,7 @@ def test_state_changing_requests_need_the_token(client: httpx.Client, fake: Fake
                                                 message: str) -> None:
     r = client.post(path, headers=headers)
     assert r.status_code == 401
+    assert r.headers["www-authenticate"] == 'Bearer realm="bstore"'
     body = r.json()
     assert body["error"] == "Unauthorized" and message in body["message"]
     assert fake.passes == 1 and fake.rollbacks == []
@@ -273,6 +274,19 @@ def test_hostile_framing(daemon: Daemon, request_bytes: bytes, status: int,
     assert got == status and message in body["message"]
 
 
+def test_a_stalled_body_does_not_hold_the_server(daemon: Daemon,
+                                                 client: httpx.Client) -> None:
+    assert daemon.api_url is not None
+    host, port = daemon.api_url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as stalled:
+        stalled.sendall(b"POST /reconcile HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        # other clients are served meanwhile (one thread per connection)
+        assert client.get("/status").status_code == 200
+        stalled.shutdown(socket.SHUT_WR)  # the client gives up: no answer, no pass
+        assert stalled.recv(100) == b""
+    assert client.get("/status").json()["daemon"]["passes"] == 1
+
+
 def test_unknown_path_and_wrong_method(client: httpx.Client) -> None:
     r = client.get("/nope")
     assert r.status_code == 404 and "no such endpoint: '/nope'" in r.json()["message"]
@@ -389,7 +403,7 @@ def test_api_port_in_use_is_a_clear_error(tmp_path: Path, bus: EventBus,
         port = taken.getsockname()[1]
         d = Daemon(make_config(tmp_path, api_address=f"127.0.0.1:{port}"), tmp_path / "root",
                    reconciler=fake, events=bus, token=TOKEN)
-        with pytest.raises(Exception, match=f"cannot listen on 127.0.0.1:{port}"):
+        with pytest.raises(ApiError, match=f"cannot listen on 127.0.0.1:{port}"):
             d.start()
     # the failed start released the profile lock
     d2 = Daemon(make_config(tmp_path), tmp_path / "root", reconciler=fake, events=bus,

@@ -395,8 +395,10 @@ class Api:
                 MethodNotAllowed(f"{req.method} is not allowed on {req.path!r}",
                                  hint=f"use {allowed}"), 405, {"Allow": allowed})
         except ApiError as exc:
-            retry = {} if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
-            return error_response(exc, exc.status, retry)
+            headers = {} if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+            if exc.status == 401:
+                headers["WWW-Authenticate"] = 'Bearer realm="bstore"'
+            return error_response(exc, exc.status, headers)
         except BstoreError as exc:
             # A failed operation the user can act on (activation failed, store missing).
             return error_response(exc, 500)
@@ -447,7 +449,10 @@ def _handler_class(api: Api, max_body: int) -> type[BaseHTTPRequestHandler]:
                 self._refuse(PayloadTooLarge(
                     f"request body of {length} bytes is over the limit of {max_body} bytes"))
                 return
-            body = self.rfile.read(length) if length else b""
+            try:
+                body = self.rfile.read(length) if length else b""
+            except OSError:  # the client stalled past REQUEST_TIMEOUT or went away
+                body = b""
             if len(body) != length:
                 self.close_connection = True
                 return
