@@ -679,19 +679,23 @@ class Supervisor:
             forced = f"application {app} stopped in its VM"
         elif guest.running():
             entry = _read_entry(guest)
-            if connected is not None and entry is not None:
-                up = self.vms.node_name(entry) in connected
-                if not up:
-                    # The host node restarted (or the link broke): the guest's kernel
-                    # does not reconnect by itself.
-                    up = self.vms.reconnect(entry) is True
+            if connected is None or entry is None:
+                return None
+            up = self.vms.node_name(entry) in connected
+            if not up:
+                # The host node restarted (or the link broke): the guest's kernel
+                # does not reconnect by itself.
+                up = self.vms.reconnect(entry) is True
+            # A guest that is gone by now lost the link by dying: that is a death
+            # (handled below), not a "node down".
+            if up or guest.running():
                 if up != state.connected:
                     first = state.connected is None
                     state.connected = up
                     state.write(guest.state_file)
                     if not first:
                         return f"{app}: node {'up' if up else 'down'}"
-            return None
+                return None
         if state.restart_at is None:
             reason = forced or self.vms.death_reason(guest)
             state.last_exit = reason
