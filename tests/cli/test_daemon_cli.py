@@ -304,6 +304,21 @@ def test_a_second_daemon_on_the_same_root_is_refused(dry: Setup) -> None:
         assert proc.wait(DEADLINE) == 0
 
 
+def test_a_missing_token_variable_is_an_error_before_listening(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("BSTORE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.delenv("NO_SUCH_TOKEN_VAR", raising=False)
+    config = tmp_path / "bstore.toml"
+    config.write_text('repo_url = "https://x.invalid/r.git"\napi_token_env = "NO_SUCH_TOKEN_VAR"\n'
+                      'api_address = "127.0.0.1:0"\n')
+    result = CliRunner().invoke(cli, ["--root", str(tmp_path / "state"), "daemon",
+                                      "--config", str(config)])
+    assert result.exit_code == 1, result.output
+    assert "environment variable NO_SUCH_TOKEN_VAR is not set" in result.output
+    assert "export NO_SUCH_TOKEN_VAR=<token>" in result.output
+
+
 @pytest.mark.parametrize(("args", "code", "message"), [
     (["daemon"], 1, "config key 'repo_url' is required"),
     (["daemon", "--repo-url", "https://x.invalid/r.git", "--interval", "soon"], 1,
