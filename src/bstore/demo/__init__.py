@@ -1,0 +1,1 @@
+"""``bstore demo``: the main job on a built-in example (see :mod:`.run`)."""
