@@ -279,7 +279,7 @@ class EmbeddedActivator(Activator):
         records = read_managed(self._records)
         states: dict[str, RunningState] = {}
         running: dict[str, str] | None = None
-        if records and self.node.status().running:
+        if records and self.node.is_running():
             try:
                 with self.node.client(10.0) as client:
                     running = {a.name: a.version for a in client.which_applications()}
@@ -308,7 +308,7 @@ class EmbeddedActivator(Activator):
             return HealthResult(app, False, "not in the current generation")
         if runs_in_vm(entry):
             return self.vms.health_of(entry)
-        if not self.node.status().running:
+        if not self.node.is_running():
             return HealthResult(app, False, "host node not running")
         with self.node.client(10.0) as client:
             return probe(app, entry.health, client)
