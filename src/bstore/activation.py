@@ -58,12 +58,15 @@ class ActivationError(BstoreError):
 class BuildOutcome:
     """What building a set of specs gave: an :class:`AppBuild` per app that has an
     output, the error of each app that has none, and which derivations were built or
-    found valid."""
+    found valid; of those found, which came from a binary cache (``substituted``), and
+    the cache trouble met on the way (never fatal: the realiser built instead)."""
 
     builds: Mapping[str, AppBuild]
     errors: Mapping[str, str] = field(default_factory=dict)
     built: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()
+    substituted: tuple[str, ...] = ()
+    cache_errors: tuple[str, ...] = ()
 
 
 #: Builds specs into store outputs (the realiser, or a test double).
@@ -131,7 +134,9 @@ def realise_builder(store: LocalStore, *, hex_repos: Any = None, jobs: int | Non
                 builds[name] = AppBuild(by_name[name], store.parse_path(app.output))
             else:
                 errors[name] = app.error or app.state.value
-        return BuildOutcome(builds, errors, report.built, report.skipped)
+        return BuildOutcome(builds, errors, report.built, report.skipped,
+                            report.substituted,
+                            tuple(subs.report.errors) if subs is not None else ())
 
     return build
 

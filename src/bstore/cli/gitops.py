@@ -92,6 +92,9 @@ def _run_reconcile(app: AppContext, config: Config, as_json: bool, wait: bool) -
         lines.append(result.plan.render())
     if result.built:
         lines.append("built: " + ", ".join(result.built))
+    if result.substituted:
+        lines.append("substituted: " + ", ".join(result.substituted))
+    lines += [f"cache: {error}" for error in result.cache_errors]
     lines.append(status.render())
     app.emit({"result": result.to_json(), "status": status.to_json()}, "\n".join(lines))
     if result.state.value in ("error", "degraded"):

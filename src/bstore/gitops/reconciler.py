@@ -95,7 +95,8 @@ _KIND_EVENT = {ChangeKind.DEPLOY: "deploy", ChangeKind.UPGRADE: "upgrade",
 class ReconcileResult:
     """What one pass did. ``state`` is the status state after it; ``commit`` the tip
     seen (None when the repo could not be reached); ``skipped`` says why nothing was
-    applied (``"no change"``, ``"quarantined"``)."""
+    applied (``"no change"``, ``"quarantined"``); ``substituted`` the derivations fetched
+    from binary caches instead of built, ``cache_errors`` what went wrong with them."""
 
     state: State
     commit: str | None = None
@@ -107,6 +108,8 @@ class ReconcileResult:
     skipped: str | None = None
     built: tuple[str, ...] = ()
     duration_ms: float = 0.0
+    substituted: tuple[str, ...] = ()
+    cache_errors: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -118,7 +121,9 @@ class ReconcileResult:
         return {"state": self.state.value, "ok": self.ok, "commit": self.commit,
                 "changed": self.changed, "error": self.error,
                 "quarantined": self.quarantined, "skipped": self.skipped,
-                "built": list(self.built), "duration_ms": round(self.duration_ms, 3),
+                "built": list(self.built), "substituted": list(self.substituted),
+                "cache_errors": list(self.cache_errors),
+                "duration_ms": round(self.duration_ms, 3),
                 "plan": self.plan.to_json() if self.plan else None,
                 "activation": self.activation.to_json() if self.activation else None}
 
@@ -466,7 +471,8 @@ class Reconciler:
         write_status(self.gitops_dir, status)
         return ReconcileResult(status.state, tip, changed, plan, result, error=status.error,
                                quarantined=quarantine is not None,
-                               built=outcome.built)
+                               built=outcome.built, substituted=outcome.substituted,
+                               cache_errors=outcome.cache_errors)
 
     def _write_progress(self, pipeline: Pipeline, active: GenerationManifest | None,
                         plan: ReconcilePlan, failed: Mapping[str, str], tip: str) -> None:
