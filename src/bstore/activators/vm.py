@@ -38,6 +38,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -127,12 +128,30 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", name)
 
 
+def elixir_lib_dir() -> Path | None:
+    """The directory of Elixir's own OTP applications (``elixir``, ``logger`` …) of the
+    installed ``elixir`` (``<prefix>/lib`` beside its ``bin/``), None without one."""
+    exe = shutil.which("elixir")
+    if exe is None:
+        return None
+    lib = Path(os.path.realpath(exe)).parent.parent / "lib"
+    return lib if (lib / "elixir" / "ebin" / "elixir.app").is_file() else None
+
+
 def node_environment(context: ActivatorContext, home: Path) -> dict[str, str]:
     """The environment of a node of ``context``'s profile: a private ``HOME`` holding the
-    profile's cookie, epmd on loopback, no cookie variables."""
+    profile's cookie, epmd on loopback, no cookie variables, and Elixir's applications
+    on ``ERL_LIBS`` (a mix-built app needs ``elixir`` at run time; OTP's code path does
+    not hold it)."""
     cookie = resolve_cookie(context.root / "nodes" / context.profile,
                             context.options.get("cookie"))
-    return vm_environment(cookie_home(home, cookie))
+    env = vm_environment(cookie_home(home, cookie))
+    elixir = elixir_lib_dir()
+    if elixir is not None:
+        libs = [p for p in env.get("ERL_LIBS", "").split(os.pathsep) if p]
+        if str(elixir) not in libs:
+            env["ERL_LIBS"] = os.pathsep.join([*libs, str(elixir)])
+    return env
 
 
 @dataclass

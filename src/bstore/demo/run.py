@@ -17,7 +17,6 @@ to keep them).
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 import time
@@ -30,7 +29,6 @@ from bstore.demo import templates as t
 from bstore.demo.workspace import (
     DemoError,
     GitRepo,
-    elixir_lib_dir,
     free_ports,
     http_get,
     tcp_ping,
@@ -252,7 +250,6 @@ class Demo:
             self.say.line(rel, 4)
         self.say.line(f"configuration {self.config_path} (profile {self.profile},"
                       f" activator {config.activator})")
-        self._prepare_nodes()
         self.reconciler = Reconciler(config, self.root, events=self.bus,
                                      echo=lambda m: self.say.line(m, 4))
         self.summary.update({"workdir": str(self.workdir), "root": str(self.root),
@@ -260,14 +257,6 @@ class Demo:
                              "repo_url": gitops.url,
                              "ports": {"counter": ports.counter, "worker": ports.worker}})
         return ports, {"counter": counter, "gitops": gitops}
-
-    def _prepare_nodes(self) -> None:
-        """Elixir's own applications on the code path of the nodes bstore starts (the
-        Elixir app needs the ``elixir`` application at run time)."""
-        lib = str(elixir_lib_dir())
-        current = os.environ.get("ERL_LIBS", "")
-        if lib not in current.split(os.pathsep):
-            os.environ["ERL_LIBS"] = os.pathsep.join(p for p in (current, lib) if p)
 
     def step_deploy(self, ports: t.Ports) -> None:
         """Step 2: the first reconcile."""
@@ -397,8 +386,9 @@ class Demo:
                     f"bstore --root {root} generations -p {p}",
                     f"bstore --root {root} diff -p {p}",
                     f"bstore --root {root} node status -p {p}",
-                    f"bstore --root {root} node start -p {p}    (start it again)",
-                    f"bstore --root {root} node stop -p {p}     (stop it)",
+                    (f"bstore --root {root} node stop -p {p}     (stop the node and the VM)"
+                     if self.keep_running else
+                     f"bstore --root {root} node start -p {p}    (start them again)"),
                     f"cd {self.workdir} && bstore --root {root} reconcile"
                     "   (after a commit in gitops/)"):
             self.say.line(cmd, 2)

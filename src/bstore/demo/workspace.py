@@ -126,24 +126,3 @@ def tcp_ping(port: int) -> str:
     except OSError as exc:
         return f"no answer: {exc.strerror or exc}"
     return data.decode("utf-8", "replace").strip()
-
-
-def elixir_lib_dir() -> Path:
-    """The directory holding Elixir's OTP applications (``elixir``, ``logger`` …).
-
-    An Elixir app needs the ``elixir`` application at run time; bstore's host node has
-    only OTP's libraries on its code path, so the demo adds this directory to
-    ``ERL_LIBS`` for the nodes it starts."""
-    exe = shutil.which("elixir")
-    if exe is None:
-        raise DemoError("elixir is not installed (the demo builds an Elixir app)",
-                        hint="apt-get install elixir (./dev demo installs it)")
-    lib = Path(os.path.realpath(exe)).parent.parent / "lib"
-    if (lib / "elixir" / "ebin" / "elixir.app").is_file():
-        return lib
-    try:
-        out = subprocess.run([exe, "-e", "IO.puts(:code.lib_dir(:elixir))"],
-                             capture_output=True, text=True, check=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise DemoError(f"cannot ask {exe} where Elixir's libraries are: {exc}") from exc
-    return Path(out.strip()).parent
