@@ -657,3 +657,21 @@ def test_start_reports_a_node_that_dies_at_once(tmp_path: Path, agent_ebin: Path
         host.start(agent_ebin, extra_args=["-bstore_agent_socket", "/second/arg"])
     assert "expected exactly one -bstore_agent_socket" in str(info.value)
     assert not host.paths.record.exists()
+
+
+def test_reconfigure_a_library_application(client: AgentClient, tmp_path: Path) -> None:
+    """An application without a callback module (`mod`) is reconfigured without error:
+    there is no config_change/3 to call, the env is simply in place."""
+    ebin = tmp_path / "libapp" / "ebin"
+    ebin.mkdir(parents=True)
+    (ebin / "libapp.app").write_text(
+        '{application, libapp, [{vsn, "1.0"}, {modules, []}, {registered, []},'
+        ' {applications, [kernel, stdlib]}, {env, [{level, 1}]}]}.\n')
+    client.add_patha(ebin)
+    client.app_start("libapp")
+    client.reconfigure("libapp", {"level": 2}, [])
+    assert client.get_env_key("libapp", "level") == 2
+    old = client.get_env("libapp")
+    client.set_env("libapp", "level", 3)
+    client.config_change("libapp", old)
+    assert client.get_env_key("libapp", "level") == 3

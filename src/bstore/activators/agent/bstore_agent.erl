@@ -274,12 +274,12 @@ op(config_change, [App, OldEnv]) when is_atom(App), is_list(OldEnv) ->
     %% missing from it counts as changed: start from the full current picture.
     EnvBefore = lists:keystore(App, 1, application_controller:prep_config_change(),
                                {App, OldEnv}),
-    ok_or_error(application_controller:config_change(EnvBefore));
+    config_changed(application_controller:config_change(EnvBefore));
 op(reconfigure, [App, Set, Unset]) when is_atom(App), is_list(Set), is_list(Unset) ->
     EnvBefore = application_controller:prep_config_change(),
     lists:foreach(fun({K, V}) when is_atom(K) -> ok = application:set_env(App, K, V) end, Set),
     lists:foreach(fun(K) when is_atom(K) -> ok = application:unset_env(App, K) end, Unset),
-    ok_or_error(application_controller:config_change(EnvBefore));
+    config_changed(application_controller:config_change(EnvBefore));
 op(suspend, [App]) when is_atom(App) ->
     suspend_app(App, all);
 op(suspend, [App, Mods]) when is_atom(App), is_list(Mods) ->
@@ -329,6 +329,23 @@ op(Op, Args) ->
     end.
 
 %% ---------------------------------------------------------------- helpers
+
+%% A library application (no `mod`) has no config_change/3 to call: its new env is
+%% simply in place, which is all a reconfigure promises.
+config_changed({error, Errors}) when is_list(Errors) ->
+    case [E || E <- Errors, not is_module_not_defined(E)] of
+        [] -> {ok, ok};
+        Left -> {error, Left}
+    end;
+config_changed({error, Error}) ->
+    case is_module_not_defined(Error) of
+        true -> {ok, ok};
+        false -> {error, Error}
+    end;
+config_changed(ok) -> {ok, ok}.
+
+is_module_not_defined({module_not_defined, _App}) -> true;
+is_module_not_defined(_) -> false.
 
 ok_or_error(ok) -> {ok, ok};
 ok_or_error({error, Reason}) -> {error, Reason}.
