@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,17 @@ def copy_tree(src: Path, dst: Path, *, what: str, root: Path | None = None) -> N
         raise BuildError(f"cannot copy {what} {str(src)!r} to {str(dst)!r}: {exc}") from exc
 
 
+def _make_user_writable(tree: Path) -> None:
+    """Add the owner's write bit to every directory and file under ``tree`` (not
+    following symlinks)."""
+    for dirpath, _dirnames, filenames in os.walk(tree, followlinks=False):
+        for path in (Path(dirpath), *(Path(dirpath) / f for f in filenames)):
+            if not path.is_symlink():
+                mode = path.stat().st_mode
+                if not mode & stat.S_IWUSR:
+                    path.chmod(stat.S_IMODE(mode) | stat.S_IWUSR)
+
+
 def prepare_workspace(
     source_dir: Path, work_dir: Path, deps: Sequence[DepLib]
 ) -> tuple[Path, Path]:
@@ -189,6 +201,10 @@ def prepare_workspace(
     work_dir.mkdir(parents=True, exist_ok=True)
     src = work_dir / "src"
     copy_tree(Path(source_dir), src, what="source")
+    # The source comes from the store (dirs 0555, files 0444) and the copy keeps those
+    # modes; the build writes into it (ebin/, _build/), which root may do anyway but any
+    # other user may not.
+    _make_user_writable(src)
     deps_dir = work_dir / "deps"
     deps_dir.mkdir()
     seen: set[str] = set()
