@@ -115,14 +115,20 @@ def realise_builder(store: LocalStore, *, hex_repos: Any = None, jobs: int | Non
             from bstore.store.signing import TrustedKeys
 
             subs = Substituters(list(substituters), TrustedKeys.parse(list(trusted_keys)))
-        with httpx.Client(trust_env=False) as client:
-            fetcher = Fetcher(store, client, hex_repos=hex_repos or Repos(),
-                              mesh_peers=tuple(mesh_peers), log=log)
-            realiser = Realiser(fetcher, progress=Progress(on_start=on_start,
-                                                           on_finish=on_finish),
-                                substituters=subs, log=log)
-            report = realiser.build(list(specs), jobs=jobs or os.cpu_count() or 1,
-                                    keep_going=True)
+        try:
+            with httpx.Client(trust_env=False) as client:
+                fetcher = Fetcher(store, client, hex_repos=hex_repos or Repos(),
+                                  mesh_peers=tuple(mesh_peers), log=log)
+                realiser = Realiser(fetcher, progress=Progress(on_start=on_start,
+                                                               on_finish=on_finish),
+                                    substituters=subs, log=log)
+                report = realiser.build(list(specs), jobs=jobs or os.cpu_count() or 1,
+                                        keep_going=True)
+        finally:
+            # Each pass makes its own caches: their kept-alive connections must not
+            # outlive it (a daemon would hold them until a garbage collection).
+            if subs is not None:
+                subs.close()
         if subs is not None:
             for error in subs.report.errors:
                 log(f"substituter: {error}")

@@ -10,10 +10,13 @@ changed files. With A's server stopped, or A's key not trusted, B builds by itse
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "builders"))
 import sample_apps
 from cachehelpers import namespaces_work
 from gitrepos import GitRemote
-from realise_helpers import COMPILER_RUN_MARKER, counting_toolchain, git_repo
+from realise_helpers import COMPILER_RUN_MARKER, counting_toolchain, git_repo, git_spec
 from recohelpers import git_spec_text
 from twohosts import (
     CountingProxy,
@@ -38,7 +41,9 @@ from twohosts import (
     many_module_app,
 )
 
+from bstore.activation import realise_builder
 from bstore.store.cache.format import blob_key
+from bstore.store.cache.server import ServeOptions, StoreCacheServer
 from bstore.store.local import LocalStore
 from bstore.store.manifest import scan_tree
 from bstore.store.signing import generate_key
@@ -47,10 +52,10 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("erlc") is None, reason="needs Erlang/OTP (erlc)"),
-    pytest.mark.skipif(not namespaces_work(),
-                       reason="needs unshare -m: store paths name their store dir, so the"
-                       " two hosts must see their stores at the same path"),
 ]
+needs_namespaces = pytest.mark.skipif(
+    not namespaces_work(), reason="needs unshare -m: store paths name their store dir, so"
+    " the two hosts must see their stores at the same path")
 
 #: Modules of the big app: a one-module upgrade must move a small share of it.
 MODULES = 40
@@ -149,6 +154,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         hosts.stop_all()
 
 
+@needs_namespaces
 def test_b_builds_nothing_then_fetches_only_the_changed_module(world: World) -> None:
     hosts = world.hosts
     hosts.reset_b()
@@ -215,6 +221,7 @@ def test_b_builds_nothing_then_fetches_only_the_changed_module(world: World) -> 
     assert received <= 0.05 * app_size
 
 
+@needs_namespaces
 def test_b_builds_when_a_is_down_or_untrusted(world: World) -> None:
     hosts = world.hosts
     a_status = reconcile(hosts.run_a, world.a_config)
@@ -223,13 +230,23 @@ def test_b_builds_when_a_is_down_or_untrusted(world: World) -> None:
     proc, dead_url = hosts.serve_a("--key", world.secret_file)
     hosts.stop(proc)  # A's (second) server is down: its port refuses connections
 
-    # The dead cache first, A's live one next: every path still comes from A.
+    # The dead cache first, A's live one next: every path still comes from A (and the
+    # text report says so).
     hosts.reset_b()
-    out = reconcile(hosts.run_b, b_config(world, "b-dead-live", (dead_url, world.server_url),
-                                          (world.public_key,)))
-    assert compiler_runs(hosts.root) == 0, out["stderr"]
-    assert sorted(out["result"]["substituted"]) == labels
-    assert any(dead_url in e for e in out["result"]["cache_errors"]), out["result"]
+    config = b_config(world, "b-dead-live", (dead_url, world.server_url),
+                      (world.public_key,))
+    res = hosts.run_b("reconcile", "--config", str(config))
+    assert res.returncode == 0, f"{res.stdout}\n{res.stderr}"
+    assert compiler_runs(hosts.root) == 0, res.stderr
+    lines = res.stdout.splitlines()
+    substituted = [line.split(": ", 1)[1].split(", ") for line in lines
+                   if line.startswith("substituted: ")]
+    assert [sorted(names) for names in substituted] == [labels], res.stdout
+    assert any(line.startswith("cache: ") and dead_url in line for line in lines), \
+        res.stdout
+    assert not any(line.startswith("built: ") for line in lines), res.stdout
+    with LocalStore.open(hosts.root) as store:
+        assert all(store.is_valid(store.parse_path(full)) for full in want.values())
 
     # Only the dead cache: built locally, the error reported, the pass synced.
     hosts.reset_b()
@@ -255,3 +272,51 @@ def test_b_builds_when_a_is_down_or_untrusted(world: World) -> None:
         for full in want.values():
             assert store.is_valid(store.parse_path(full))
             assert store.query_info(store.parse_path(full)).signatures == ()
+
+
+def connections_to(port: int) -> int:
+    """TCP connections this process holds open to 127.0.0.1:``port`` (client side)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+            inodes.add(f"socket:[{fields[9]}]")
+    held = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            held += os.readlink(f"/proc/self/fd/{fd}") in inodes
+        except OSError:
+            continue  # closed meanwhile
+    return held
+
+
+def test_a_building_pass_closes_its_cache_connections(tmp_path: Path) -> None:
+    # A cache of another store dir: the pass connects, reads cache-info, refuses it and
+    # builds. Its connection must be closed when the pass ends, not at the next garbage
+    # collection (a daemon would keep one per pass).
+    other = tmp_path / "other"
+    LocalStore.open(other).close()
+    server = StoreCacheServer(other, ServeOptions())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = int(urlsplit(server.url).port or 0)
+    project = git_repo(sample_apps.erlc_app(tmp_path / "src", "plainapp"))
+    spec = git_spec("plainapp", "1.0.0", project, "main")
+    key = generate_key("host-a").public_key.to_text()
+    try:
+        with LocalStore.open(tmp_path / "b") as store:
+            build = realise_builder(store, substituters=[server.url], trusted_keys=[key])
+            gc.disable()
+            try:
+                outcome = build([spec])
+                held = connections_to(port)
+            finally:
+                gc.enable()
+    finally:
+        server.shutdown()
+        thread.join(10)
+    assert set(outcome.builds) == {"plainapp"} and outcome.built == ("plainapp-1.0.0",)
+    assert outcome.substituted == ()
+    assert any("store dir" in e and server.url in e for e in outcome.cache_errors), \
+        outcome.cache_errors
+    assert held == 0
