@@ -179,6 +179,14 @@ def test_keep_running_leaves_the_node_up_until_node_stop(workdir: Path) -> None:
     assert stopped.returncode == 0, stopped.stderr
     assert beam_processes(root) == []
 
+    # Booted again from the current generation: the Elixir app finds its runtime too.
+    started = bstore("--root", root, "--json", "node", "start", "-p", profile)
+    assert started.returncode == 0, started.stdout + started.stderr
+    data = json.loads(started.stdout)
+    assert (sorted(data["started"]), data["failed"]) == (["counter", "hello_ex", "worker"], {})
+    assert bstore("--root", root, "node", "stop", "-p", profile).returncode == 0
+    assert beam_processes(root) == []
+
 
 @pytest.mark.parametrize(("setup", "code", "message"), [
     # A directory holding something: the demo never writes into it.
