@@ -294,6 +294,8 @@ class Demo:
         commit = self._push_counter(repos, t.COUNTER_V2, ports, f"upgrade counter to {new}")
         self.say.line(f"committed {commit[:12]} \"upgrade counter to {new}\" (the counter's"
                       f" source is tagged v{new}, with a new answer)")
+        self.say.why("only the counter's spec changed: bstore builds the new version and"
+                     " restarts the counter alone; the other apps keep running")
         assert self.reconciler is not None
         plan = self.reconciler.plan()
         self.say.line("bstore plan:")
@@ -355,6 +357,9 @@ class Demo:
         self.say.step(5, "Where things stand: bstore status and bstore generations")
         status = self._status()
         rows = _generations(self.root, self.profile)
+        self.say.why(f"'{status.state.value}' because the repository's tip is quarantined;"
+                     f" the apps run generation {status.generation}, the last good one."
+                     " The next commit to the repository is tried again.")
         self.say.line(f"$ bstore --root {self.root} status --config {self.config_path}")
         self.say.line(status.render(), 4)
         self.say.line(f"$ bstore --root {self.root} generations -p {self.profile}")
