@@ -48,6 +48,10 @@ def cli(ctx: click.Context, root: Path | None, as_json: bool, verbose: int) -> N
     """bstore: GitOps for BEAM applications on a content-addressed store."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # HTTP clients log one line per request at INFO: that is -vv detail, not -v.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING if verbose < 2
+                                              else logging.DEBUG))
     ctx.obj = AppContext(root=(root or default_root()).absolute(), json=as_json, verbose=verbose)
 
 
