@@ -87,6 +87,7 @@ def erl_roundtrip(escript: Path, workdir: Path, terms: list[VmTerm]) -> None:
         text=True,
         timeout=120,
         check=False,
+        cwd=workdir,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     frames = _frames(out.read_bytes())

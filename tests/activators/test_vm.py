@@ -321,8 +321,9 @@ def _release_output(store: LocalStore, compiler: AppCompiler, tmp: Path, work: P
         f'{{outdir, "{rel_dir}"}}, {{variables, [{{"RELEASE_LIB", "{lib}"}}]}}, silent]) of '
         '{ok, _, _} -> _ = R, halt(); E -> io:format("~p~n", [E]), halt(1) end.'
     )
+    # cwd: a failing script's erl_crash.dump must not land in the repository.
     made = subprocess.run(["erl", "-noshell", "-eval", script], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, cwd=tmp)
     assert made.returncode == 0, made.stdout + made.stderr
     (rel_dir / "sys.config").write_text(
         f'[{{relapp, [{{from_sys_config, yes}}, {{dir, "{work}"}}]}}].\n')

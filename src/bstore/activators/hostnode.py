@@ -2,10 +2,12 @@
 
 One node per profile lives under ``<state>/nodes/<profile>/`` (directory mode 0700)::
 
-    agent.sock   the bstore_agent control socket (0600; see bstore_agent.erl)
+    agent.sock   the bstore_agent control socket (0600; see bstore_agent.erl); when that
+                 path exceeds sun_path, /tmp/bstore-<uid>/<hash>/agent.sock (socket_path)
     node.json    pid record: {pid, start_time, socket, node_name, argv, started_at}
     node.log     the node's stdout and stderr (appended)
     lock         flock(2) held while starting or stopping
+    erl_crash.dump  the node's crash dump, if it ever writes one (also its cwd)
 
 The node is ``erl -noshell -noinput`` started in its own session, so it outlives the
 bstore command that started it and a signal to bstore's process group never reaches it.
@@ -20,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,6 +42,8 @@ _PROFILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _NODE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(@[A-Za-z0-9._-]+)?$")
 # sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
+# Where sockets go when the node directory is too deep for sun_path (see socket_path).
+_SHORT_SOCKET_BASE = Path("/tmp")
 _POLL = 0.05
 
 
@@ -63,14 +69,74 @@ class NodePaths:
                 f"profile name {profile!r} is not valid",
                 hint="use letters, digits, '.', '_' and '-', starting with a letter or digit",
             )
-        directory = Path(state_dir) / "nodes" / profile
+        return cls.in_directory(Path(state_dir) / "nodes" / profile)
+
+    @classmethod
+    def in_directory(cls, directory: Path) -> NodePaths:
+        """The paths of a node whose files live in ``directory`` (socket: :func:`socket_path`)."""
         return cls(
             directory,
-            directory / "agent.sock",
+            socket_path(directory),
             directory / "node.json",
             directory / "node.log",
             directory / "lock",
         )
+
+    @property
+    def socket_outside(self) -> bool:
+        """Whether the socket lives in a short private directory outside :attr:`directory`."""
+        return self.socket.parent != self.directory
+
+
+def socket_path(directory: Path) -> Path:
+    """Where the agent socket of the node whose files are in ``directory`` goes.
+
+    ``directory/agent.sock`` when that fits in ``sun_path`` (107 bytes); otherwise
+    ``/tmp/bstore-<uid>/<hash of the absolute directory>/agent.sock``. The choice depends
+    only on the directory and the uid (not on ``$TMPDIR`` or ``$XDG_RUNTIME_DIR``, which
+    differ between a daemon and a shell), so every bstore process of that user finds the
+    same socket for the same node. :func:`prepare_socket_directory` makes the short
+    directory private and refuses one that another user planted.
+    """
+    inside = Path(directory) / "agent.sock"
+    if len(os.fsencode(str(inside))) <= _MAX_SOCKET_PATH:
+        return inside
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(directory))).hexdigest()[:24]
+    return _SHORT_SOCKET_BASE / f"bstore-{os.getuid()}" / digest / "agent.sock"
+
+
+def _private_dir(path: Path) -> None:
+    # mkdir does not follow a planted symlink at ``path``; lstat then proves that what is
+    # there is a real directory of ours, and chmod drops any group/other bits.
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise HostNodeError(
+            f"socket directory {path} is not a directory (a symlink or a file is there)",
+            hint="remove it; bstore creates it itself",
+        )
+    if info.st_uid != os.getuid():
+        raise HostNodeError(
+            f"socket directory {path} belongs to uid {info.st_uid}, not to us",
+            hint="remove it (another user created it) or use a shorter --root",
+        )
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+def prepare_socket_directory(paths: NodePaths) -> None:
+    """Create the short private directory of an outside socket (0700, ours, no symlink)."""
+    if not paths.socket_outside:
+        return
+    try:
+        _private_dir(paths.socket.parent.parent)
+        _private_dir(paths.socket.parent)
+    except OSError as exc:
+        raise HostNodeError(
+            f"cannot prepare socket directory {paths.socket.parent} for node directory "
+            f"{paths.directory}: {exc}"
+        ) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +250,7 @@ class HostNode:
             os.chmod(directory, 0o700)
         except OSError as exc:
             raise HostNodeError(f"cannot prepare node directory {directory}: {exc}") from exc
+        prepare_socket_directory(self.paths)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -325,6 +392,10 @@ class HostNode:
             raise HostNodeError(f"cannot open node log {self.paths.log}: {exc}") from exc
         try:
             os.write(log_fd, f"--- bstore: starting {' '.join(argv)}\n".encode())
+            # A crash dump belongs next to the node's log, whatever ERL_CRASH_DUMP bstore's
+            # own environment carries (a relative or shared one would land elsewhere).
+            node_env = dict(os.environ if env is None else env)
+            node_env["ERL_CRASH_DUMP"] = str(self.paths.directory.absolute() / "erl_crash.dump")
             # Its own session: no terminal, no signals aimed at bstore's process group,
             # and it keeps running when bstore exits.
             return subprocess.Popen(
@@ -333,7 +404,7 @@ class HostNode:
                 stdout=log_fd,
                 stderr=subprocess.STDOUT,
                 cwd=self.paths.directory,
-                env=None if env is None else dict(env),
+                env=node_env,
                 start_new_session=True,
                 close_fds=True,
             )
@@ -461,6 +532,10 @@ class HostNode:
         with contextlib.suppress(FileNotFoundError):
             if not _is_running(record):
                 self.paths.socket.unlink()
+        if self.paths.socket_outside:
+            # The short directory is only the socket's; a leftover of it would pile up in /tmp.
+            with contextlib.suppress(OSError):
+                self.paths.socket.parent.rmdir()
         self._run_stopped_hooks()
         return outcome
 

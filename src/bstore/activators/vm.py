@@ -201,8 +201,7 @@ class _GuestNode(HostNode):
         # Not HostNode.__init__: the directory is not <state>/nodes/<profile>.
         self.profile = label
         self.erl = "erl"
-        self.paths = NodePaths(directory, directory / "agent.sock", directory / "node.json",
-                               directory / "node.log", directory / "lock")
+        self.paths = NodePaths.in_directory(directory)
         self.cgroup = cgroup
         self.proc: subprocess.Popen[bytes] | None = None
         self.on_stopped = []
