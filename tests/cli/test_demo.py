@@ -193,6 +193,8 @@ def test_keep_running_leaves_the_node_up_until_node_stop(workdir: Path) -> None:
     ("not-empty", 1, "is not empty"),
     # A regular file where the work dir should be.
     ("file", 2, "is a file"),
+    # A work dir that cannot be created (its parent is a file).
+    ("under-a-file", 1, "Not a directory"),
 ])
 def test_workdir_must_be_a_new_or_empty_directory(tmp_path: Path, setup: str, code: int,
                                                   message: str) -> None:
@@ -200,6 +202,10 @@ def test_workdir_must_be_a_new_or_empty_directory(tmp_path: Path, setup: str, co
     if setup == "file":
         work.write_text("mine\n")
         kept = work
+    elif setup == "under-a-file":
+        kept = work
+        work.write_text("mine\n")
+        work = work / "sub"
     else:
         work.mkdir()
         kept = work / "notes.txt"
@@ -207,7 +213,10 @@ def test_workdir_must_be_a_new_or_empty_directory(tmp_path: Path, setup: str, co
     done = bstore("demo", "--workdir", str(work))
     assert done.returncode == code
     assert message in done.stderr
-    if code == 1:
+    if setup == "under-a-file":
+        assert f"error: the demo failed in '{work}': Not a directory" in done.stderr
+        assert "Traceback" not in done.stderr
+    if setup == "not-empty":
         assert f"error: work dir '{work}' is not empty" in done.stderr
         assert "hint: give --workdir a new or empty directory" in done.stderr
     assert kept.read_text() == "mine\n"

@@ -202,6 +202,11 @@ class Demo:
             self.step_upgrade(ports, repos)
             self.step_broken(ports, repos)
             self.step_report()
+        except OSError as exc:
+            self.stop()
+            raise DemoError(f"the demo failed in {str(self.workdir)!r}:"
+                            f" {exc.strerror or exc} ({exc.filename or 'no file'})",
+                            hint="check that the work dir is writable and has space") from exc
         except BaseException:
             # A demo that failed half-way leaves nothing running, --keep-running or not.
             self.stop()
