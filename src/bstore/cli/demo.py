@@ -27,7 +27,7 @@ from bstore.cli.context import AppContext, pass_app
               help="Print a machine-readable summary on stdout (the story goes to stderr).")
 @pass_app
 def demo(app: AppContext, workdir: Path | None, keep_running: bool, as_json: bool) -> None:
-    """Run bstore's main job end to end on a built-in example (about a minute)."""
+    """Run bstore's main job end to end on a built-in example (takes well under a minute)."""
     from bstore.demo.run import run_demo
 
     as_json = as_json or app.json
