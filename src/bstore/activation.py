@@ -29,6 +29,7 @@ from bstore.activators.base import ActivationFailed, Activator, HealthResult
 from bstore.activators.plan import Action, ActionKind, render_plan
 from bstore.errors import BstoreError
 from bstore.events import EventBus, default_bus
+from bstore.generations.failed import clear_failed, failed_number, mark_failed
 from bstore.generations.generation import (
     AppBuild,
     generation_path,
@@ -249,8 +250,30 @@ class Pipeline:
         """Like :meth:`activate` for a manifest made by the caller."""
         previous = self.profile.current()
         self.remember(manifest)
+        if (previous is not None and self.activator is not None
+                and failed_number(self.profile) == previous.number
+                and generation_path(self.store, manifest) == previous.store_path):
+            return self._retry_failed(previous)
         return self._run(previous, lambda hook: commit_generation(
             self.profile, manifest, hook=hook, finish=hook))
+
+    def _retry_failed(self, current: GenerationLink) -> ActivationResult:
+        """Activate the failed first generation again (the same content was asked for:
+        the switch would reuse it without running anything); a failure stops it again."""
+        self._last_actions, self._last_health, self._failure = [], {}, {}
+        n = current.number
+        try:
+            self._hook(None, current)
+        except ActivationFailed as exc:
+            self._roll_back(None, n, exc.message)
+            return ActivationResult(
+                self.profile.name, False, n, n, n, actions=tuple(self._last_actions),
+                failed=self._failed_of(exc), health=dict(self._last_health),
+                error=exc.message)
+        clear_failed(self.profile)
+        return ActivationResult(self.profile.name, True, n, n, n,
+                                actions=tuple(self._last_actions),
+                                health=dict(self._last_health))
 
     def activate_generation(self, number: int) -> ActivationResult:
         """Make the existing generation ``number`` current and running (``--generation``)."""
@@ -262,7 +285,10 @@ class Pipeline:
         """Re-apply the current generation against what runs (crashed or unhealthy apps
         are restarted, strays stopped): the drift healing of a pass with no change."""
         current = self.profile.current()
-        if current is None or self.activator is None:
+        if current is None or self.activator is None or \
+                failed_number(self.profile) == current.number:
+            # A failed first generation runs nothing: healing it would restart what its
+            # rollback stopped (and a crash-looping app every pass).
             n = None if current is None else current.number
             return ActivationResult(self.profile.name, True, n, n, n, reused=True)
         self._last_actions, self._last_health = [], {}
@@ -289,10 +315,18 @@ class Pipeline:
         except ActivationFailed as exc:
             attempted = self._attempted_number(prev_n)
             back = self._roll_back(previous, attempted, exc.message)
+            current = self.profile.current_number()
+            if self.activator is not None and current is not None and (
+                    previous is None or failed_number(self.profile) == current):
+                # Nothing to go back to: the failed generation stays current, and must
+                # not be run again by a heal or a host node reboot.
+                mark_failed(self.profile, current)
             return ActivationResult(
                 self.profile.name, False, back, prev_n, attempted,
                 actions=tuple(self._last_actions), failed=self._failed_of(exc),
                 health=dict(self._last_health), rolled_back_to=back, error=exc.message)
+        if self.activator is not None:
+            clear_failed(self.profile)
         recovered = (result.recovered.describe()
                      if result.recovered.outcome is not Outcome.NONE else None)
         return ActivationResult(
@@ -317,7 +351,9 @@ class Pipeline:
             if self.activator is None or attempted is None:
                 return to
             new = self.load_manifest(self.profile.get(attempted))
+            # Back to a failed first generation is back to nothing running.
             old = (self.load_manifest(previous) if previous is not None
+                   and failed_number(self.profile) != previous.number
                    else GenerationManifest.of([], {}))
             actions = self.activator.plan(new, old)
             if self.echo is not None:

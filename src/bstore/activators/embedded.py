@@ -91,7 +91,9 @@ def ensure_agent(root: Path) -> Path:
 
 
 def load_current_generation(root: Path, profile: str) -> GenerationManifest | None:
-    """The manifest of ``profile``'s current generation, None when it has none."""
+    """The manifest of ``profile``'s current generation, None when it has none (or when
+    it is a failed first generation, which runs nothing: :mod:`bstore.generations.failed`)."""
+    from bstore.generations.failed import failed_number
     from bstore.generations.generation import load_generation
     from bstore.generations.profiles import Profile
     from bstore.store.local import LocalStore
@@ -99,8 +101,11 @@ def load_current_generation(root: Path, profile: str) -> GenerationManifest | No
     if not (root / "db.sqlite").exists():
         return None
     with LocalStore.open(root, create=False) as store:
-        current = Profile(store, profile).current()
-        return None if current is None else load_generation(store, current.store_path)
+        prof = Profile(store, profile)
+        current = prof.current()
+        if current is None or failed_number(prof) == current.number:
+            return None
+        return load_generation(store, current.store_path)
 
 
 @dataclass(frozen=True)

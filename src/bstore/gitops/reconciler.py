@@ -41,6 +41,7 @@ from bstore.activators.base import Activator, ActivatorContext, load_activator
 from bstore.activators.plan import RunningState
 from bstore.errors import BstoreError
 from bstore.events import EventBus, default_bus
+from bstore.generations.failed import failed_number
 from bstore.generations.generation import AppBuild
 from bstore.generations.manifest import AppEntry, GenerationManifest
 from bstore.gitops.config import Config
@@ -220,7 +221,9 @@ class Reconciler:
 
     def _active(self, store: LocalStore, pipeline: Pipeline) -> GenerationManifest | None:
         current = pipeline.profile.current()
-        if current is None:
+        if current is None or failed_number(pipeline.profile) == current.number:
+            # A failed first generation runs nothing: plan from nothing, so the next tip
+            # starts its apps instead of finding "no change" against it.
             return None
         if self._memo.manifest_path != str(current.store_path):
             self._memo.manifest = pipeline.load_manifest(current)
