@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import blake3
@@ -146,10 +146,7 @@ def _resign(cache: Path, sp: StorePath, key: SecretKey, **changes: object) -> No
     """Re-sign (after ``changes``) with ``key`` only."""
     p = _meta_path(cache, sp)
     m = CacheMeta.from_bytes(p.read_bytes(), "m")
-    fields = {f: getattr(m, f) for f in CacheMeta.__dataclass_fields__}
-    fields.update(changes)
-    fields["signatures"] = ()
-    m = CacheMeta(**fields)
+    m = CacheMeta(replace(m.meta, **changes, signatures=()), m.manifest_size)
     p.write_bytes(m.with_signatures((key.sign(m.fingerprint()),)).to_bytes())
 
 

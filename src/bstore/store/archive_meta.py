@@ -1,7 +1,8 @@
 """The metadata of one store path as it travels between stores: a pure value and codec.
 
-An export stream carries one such block per path, and the binary cache (issue 7) will
-publish the same block next to its blobs, so the codec lives here on its own. The
+An export stream carries one such block per path, and the binary cache publishes the
+same block, with its own keys before the signatures (:mod:`bstore.store.cache.format`),
+next to its blobs, so the codec lives here on its own. The
 canonical text form is (docs/formats.md, "Path metadata")::
 
     StorePath: <store_dir>/<digest>-<name>
@@ -10,7 +11,7 @@ canonical text form is (docs/formats.md, "Path metadata")::
     MCID: mcid1-manifest-blake3-<64 hex>
     NarSize: <decimal bytes of contents and link targets>
     References: <base name> ...        sorted, space separated, may be empty
-    Deriver: <base name>               only when there is one
+    Deriver: <text>                    opaque, only when there is one
     Sig: <signature>                   zero or more, sorted
 
 Every line ends in ``\\n``; keys appear exactly once and in this order. Decoding is
@@ -22,22 +23,27 @@ deliberately not part of it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from bstore.errors import BstoreError
+from bstore.store.keyed_block import parse_keyed_lines, render_lines
 from bstore.store.layout import StoreError
 from bstore.store.manifest import Mcid, validate_mcid
 from bstore.store.paths import PathKind, StorePath, make_store_path
+from bstore.store.signing import fingerprint
 
-#: A derivation hash, a store path base name, or a full store path: no spaces or newlines.
-_DERIVER_RE = re.compile(r"[A-Za-z0-9+._:=/?-]{1,400}")
+#: Opaque text on one line (a derivation hash, a store path...): no spaces or newlines.
+_DERIVER_RE = re.compile(r"[\x21-\x7e]{1,400}")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 #: Signatures are opaque here (``<key name>:<base64>`` once signing exists); they only
 #: must fit on one line of the block.
 _SIG_RE = re.compile(r"[\x21-\x7e]{1,1024}")
 #: A block bigger than this is hostile: even thousands of references fit easily.
 MAX_META_BYTES = 1 << 20
-_KEYS = ("StorePath", "Kind", "Hash", "MCID", "NarSize", "References", "Deriver", "Sig")
+#: The keys before any a wrapper adds (the binary cache's), which go between these and Sig.
+_KEYS = ("StorePath", "Kind", "Hash", "MCID", "NarSize", "References", "Deriver")
+_REQUIRED = _KEYS[:6]
 
 
 class PathMetaError(StoreError):
@@ -101,8 +107,21 @@ class PathMeta:
         """``<store_dir>/<digest>-<name>``."""
         return f"{self.store_dir}/{self.path}"
 
-    def to_bytes(self) -> bytes:
-        """The canonical text block (see the module docstring)."""
+    def fingerprint(self) -> bytes:
+        """What signatures cover (:func:`bstore.store.signing.fingerprint`)."""
+        return fingerprint(self.store_dir, self.path, self.mcid, self.nar_size,
+                           self.references)
+
+    def with_signatures(self, sigs: tuple[str, ...]) -> PathMeta:
+        """A copy with ``sigs`` merged into the signatures."""
+        return replace(self, signatures=tuple(sorted(set(self.signatures) | set(sigs))))
+
+    def to_bytes(self, extensions: Sequence[tuple[str, str]] = ()) -> bytes:
+        """The canonical text block (see the module docstring).
+
+        ``extensions`` are ``(key, value)`` lines a wrapper adds (the binary cache's
+        ``Compression`` and ``ManifestSize``); they stand after Deriver, before Sig.
+        """
         lines = [
             f"StorePath: {self.full_path}",
             f"Kind: {self.kind.value}",
@@ -113,44 +132,44 @@ class PathMeta:
         ]
         if self.deriver is not None:
             lines.append(f"Deriver: {self.deriver}")
+        lines.extend(f"{key}: {value}" for key, value in extensions)
         lines.extend(f"Sig: {s}" for s in self.signatures)
-        return "".join(line + "\n" for line in lines).encode()
+        return render_lines(lines)
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "path metadata") -> PathMeta:
         """Parse a canonical block strictly; errors name ``source`` and the line."""
-        if len(data) > MAX_META_BYTES:
-            raise PathMetaError(f"{source}: metadata block of {len(data)} bytes is too large")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PathMetaError(f"{source}: metadata is not UTF-8 ({exc})") from exc
-        if not text.endswith("\n"):
-            raise PathMetaError(f"{source}: metadata does not end in a newline")
-        fields: dict[str, list[str]] = {}
-        for number, line in enumerate(text[:-1].split("\n"), start=1):
-            key, sep, value = line.partition(": ")
-            if not sep and line == "References:":
-                key, value = "References", ""
-            elif not sep or key not in _KEYS:
-                raise PathMetaError(f"{source}:{number}: unknown or malformed line {line[:80]!r}")
-            if key != "Sig" and key in fields:
-                raise PathMetaError(f"{source}:{number}: duplicate key {key!r}")
-            fields.setdefault(key, []).append(value)
-        meta = cls._from_fields(fields, source)
-        if meta.to_bytes() != data:
-            raise PathMetaError(
-                f"{source}: metadata of {meta.full_path} is not in canonical form",
-                hint="keys must appear once, in the documented order, with single spaces",
-            )
+        meta, _ = cls.parse(data, source)
+        meta.require_canonical(meta.to_bytes(), data, source)
         return meta
 
     @classmethod
-    def _from_fields(cls, fields: dict[str, list[str]], source: str) -> PathMeta:
-        missing = [k for k in _KEYS[:6] if k not in fields]
+    def parse(cls, data: bytes, source: str,
+              extensions: Sequence[str] = ()) -> tuple[PathMeta, dict[str, str]]:
+        """Parse a block that also carries the required keys ``extensions`` (in order).
+
+        Returns the metadata and the extensions' raw values. The caller interprets
+        those and then checks the whole block with :meth:`require_canonical`.
+        """
+        keys = _KEYS + tuple(extensions) + ("Sig",)
+        fields = parse_keyed_lines(data, source, keys, limit=MAX_META_BYTES,
+                                   error=PathMetaError, repeated=("Sig",),
+                                   bare=("References",))
+        missing = [k for k in _REQUIRED + tuple(extensions) if k not in fields]
         if missing:
             raise PathMetaError(f"{source}: metadata lacks {', '.join(missing)}")
+        return cls._from_fields(fields, source), {k: fields[k][0] for k in extensions}
 
+    def require_canonical(self, encoded: bytes, data: bytes, source: str) -> None:
+        """Raise unless ``data`` (read from ``source``) is the canonical ``encoded``."""
+        if encoded != data:
+            raise PathMetaError(
+                f"{source}: metadata of {self.full_path} is not in canonical form",
+                hint="keys must appear once, in the documented order, with single spaces",
+            )
+
+    @classmethod
+    def _from_fields(cls, fields: dict[str, list[str]], source: str) -> PathMeta:
         def one(key: str) -> str:
             return fields[key][0]
 
@@ -158,8 +177,6 @@ class PathMeta:
         hash_text = one("Hash")
         if not hash_text.startswith("blake3:"):
             raise PathMetaError(f"{source}: Hash {hash_text!r} is not a blake3 hash")
-        if not one("NarSize").isdigit() or len(one("NarSize")) > 20:
-            raise PathMetaError(f"{source}: NarSize {one('NarSize')!r} is not a number")
         try:
             kind = PathKind(one("Kind"))
         except ValueError:
@@ -176,7 +193,7 @@ class PathMeta:
                 kind=kind,
                 hash_hex=hash_text.removeprefix("blake3:"),
                 mcid=Mcid(one("MCID")),
-                nar_size=int(one("NarSize")),
+                nar_size=decimal(one("NarSize"), "NarSize", source),
                 references=tuple(StorePath.parse(r) for r in refs.split(" ")) if refs else (),
                 deriver=deriver or None,
                 signatures=tuple(fields.get("Sig", ())),
@@ -185,3 +202,10 @@ class PathMeta:
             raise
         except BstoreError as exc:
             raise PathMetaError(f"{source}: {exc.message}", hint=exc.hint) from exc
+
+
+def decimal(text: str, key: str, source: str) -> int:
+    """The size ``text`` of ``key`` as a number (at most 20 digits), else PathMetaError."""
+    if not text.isdigit() or len(text) > 20:
+        raise PathMetaError(f"{source}: {key} {text!r} is not a number")
+    return int(text)

@@ -21,6 +21,7 @@ import blake3
 
 from bstore import events
 from bstore.errors import BstoreError
+from bstore.store.archive_meta import PathMeta
 from bstore.store.cache.backend import CachePolicy, HttpCache
 from bstore.store.cache.format import MAX_MANIFEST_BYTES, CacheMeta
 from bstore.store.cache.transfer import (
@@ -108,9 +109,9 @@ def fetch_mcid(store: LocalStore, mcid: str, peers: Sequence[str], *, name: str 
         peer = HttpCache(url, policy)
         try:
             manifest = _manifest_from(peer, mcid)
-            meta = CacheMeta(store_dir=store_dir, path=sp, kind=PathKind.SOURCE,
-                             hash_hex=mcid.rpartition("-")[2], mcid=mcid,
-                             nar_size=manifest.nar_size, references=(),
+            meta = CacheMeta(PathMeta(store_dir=store_dir, path=sp, kind=PathKind.SOURCE,
+                                      hash_hex=mcid.rpartition("-")[2], mcid=mcid,
+                                      nar_size=manifest.nar_size),
                              manifest_size=len(manifest.to_bytes()))
             with store.staging_dir("mesh") as stage:
                 tree = stage / "tree"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from bstore.errors import BstoreError
+from bstore.store.archive_meta import PathMeta
 from bstore.store.cache.backend import (
     CacheBackend,
     CacheError,
@@ -66,11 +67,11 @@ def path_cache_meta(store: LocalStore, sp: StorePath, manifest: Manifest,
                     key: SecretKey | None = None) -> CacheMeta:
     """The cache metadata of the valid path ``sp`` (signed by ``key`` too, if given)."""
     info = store.query_info(sp)
-    meta = CacheMeta(
+    meta = CacheMeta(PathMeta(
         store_dir=str(store.store_dir), path=sp, kind=info.kind, hash_hex=info.hash_hex,
         mcid=info.mcid, nar_size=info.nar_size, references=info.references,
-        manifest_size=len(manifest.to_bytes()), deriver=info.deriver,
-        signatures=tuple(sorted(set(info.signatures))))
+        deriver=info.deriver, signatures=tuple(sorted(set(info.signatures)))),
+        manifest_size=len(manifest.to_bytes()))
     if key is not None:
         meta = meta.with_signatures((key.sign(meta.fingerprint()),))
     return meta

@@ -13,8 +13,8 @@ Every key a cache is asked for is built here from validated values and checked a
 :func:`check_key`, so no hostile name (``../``, absolute, NUL) ever becomes a file path
 or URL. Manifests and blobs are content-addressed: a reader re-hashes what it gets.
 
-Path metadata is the export block (:mod:`bstore.store.archive_meta`) plus what a cache
-needs, strictly ordered and parsed with line-numbered errors::
+Path metadata is the export block (:mod:`bstore.store.archive_meta`, which validates and
+parses it) plus what a cache needs, strictly ordered with line-numbered errors::
 
     StorePath: <store_dir>/<digest>-<name>
     Kind: <source|output|generation>       unsigned, bound by the digest
@@ -33,21 +33,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from bstore.errors import BstoreError
+# MAX_META_BYTES is re-exported: a metadata object bigger than that is hostile.
+from bstore.store.archive_meta import MAX_META_BYTES as MAX_META_BYTES
+from bstore.store.archive_meta import PathMeta, PathMetaError, decimal
+from bstore.store.keyed_block import block_lines
 from bstore.store.layout import StoreError
 from bstore.store.manifest import Mcid, validate_mcid
-from bstore.store.paths import PathKind, StorePath, make_store_path
-from bstore.store.signing import fingerprint
+from bstore.store.paths import PathKind, StorePath
 
 CACHE_VERSION = "1"
 CACHE_INFO_KEY = "cache-info"
-#: A metadata object bigger than this is hostile (thousands of references fit easily).
-MAX_META_BYTES = 1 << 20
 #: The canonical manifest of a tree at the path limit with a million entries.
 MAX_MANIFEST_BYTES = 256 << 20
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_SIG_RE = re.compile(r"[\x21-\x7e]{1,1024}")
-_DERIVER_RE = re.compile(r"[\x21-\x7e]{1,400}")
 _KEY_RE = re.compile(
     r"cache-info"
     r"|meta/[0-9a-df-np-sv-z]{32}\.meta"
@@ -55,10 +52,8 @@ _KEY_RE = re.compile(
     r"|mcid/mcid1-manifest-blake3-[0-9a-f]{64}"
     r"|blobs/([0-9a-f]{2})/([0-9a-f]{64})\.zst"
 )
-_META_KEYS = ("StorePath", "Kind", "Hash", "MCID", "NarSize", "References", "Deriver",
-              "Compression", "ManifestSize", "Sig")
-_REQUIRED = ("StorePath", "Kind", "Hash", "MCID", "NarSize", "References", "Compression",
-             "ManifestSize")
+#: The cache's keys in a path metadata block, after Deriver and before Sig.
+_EXTENSION_KEYS = ("Compression", "ManifestSize")
 
 
 class CacheFormatError(StoreError):
@@ -113,7 +108,7 @@ class CacheInfo:
     @classmethod
     def from_bytes(cls, data: bytes, source: str) -> CacheInfo:
         """Parse strictly; errors name ``source`` and the line."""
-        lines = _lines(data, source, 4096)
+        lines = block_lines(data, source, 4096, CacheFormatError)
         want = ("BstoreCache", "StoreDir", "Priority")
         values: dict[str, str] = {}
         for number, line in enumerate(lines, start=1):
@@ -132,158 +127,96 @@ class CacheInfo:
         return cls(values["StoreDir"], int(priority))
 
 
-def _lines(data: bytes, source: str, limit: int) -> list[str]:
-    if len(data) > limit:
-        raise CacheFormatError(f"{source}: {len(data)} bytes is more than the {limit} allowed")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CacheFormatError(f"{source}: not UTF-8 ({exc})") from exc
-    if not text.endswith("\n"):
-        raise CacheFormatError(f"{source}: does not end in a newline")
-    return text[:-1].split("\n")
-
-
 @dataclass(frozen=True, slots=True)
 class CacheMeta:
-    """Signed metadata of one store path in a cache (see the module docstring)."""
+    """Signed metadata of one store path in a cache (see the module docstring).
 
-    store_dir: str
-    path: StorePath
-    kind: PathKind
-    hash_hex: str
-    mcid: Mcid
-    nar_size: int
-    references: tuple[StorePath, ...]
+    The export block (``meta``) plus the cache's own keys; everything about the path,
+    its validation and the line codec are :class:`PathMeta`'s.
+    """
+
+    meta: PathMeta
     manifest_size: int
-    deriver: str | None = None
-    signatures: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        shown = self.full_path
-        if not self.store_dir.startswith("/") or self.store_dir.endswith("/") or \
-                "\n" in self.store_dir:
-            raise CacheFormatError(f"{shown}: store dir {self.store_dir!r} is not absolute")
-        validate_mcid(self.mcid)
-        if not _HEX64.fullmatch(self.hash_hex):
-            raise CacheFormatError(f"{shown}: hash {self.hash_hex!r} is not 64 hex digits")
-        if self.nar_size < 0 or not 0 < self.manifest_size <= MAX_MANIFEST_BYTES:
-            raise CacheFormatError(f"{shown}: NarSize {self.nar_size} or ManifestSize"
+        if not 0 < self.manifest_size <= MAX_MANIFEST_BYTES:
+            raise CacheFormatError(f"{self.meta.full_path}: ManifestSize"
                                    f" {self.manifest_size} is out of range")
-        expected = make_store_path(self.kind, self.hash_hex, self.store_dir, self.path.name)
-        if expected != self.path:
-            raise CacheFormatError(
-                f"store path {shown} does not match its {self.kind.value} hash"
-                f" {self.hash_hex} (expected {self.store_dir}/{expected})",
-                hint="the metadata was altered or produced by a broken store")
-        if self.kind is PathKind.SOURCE and self.mcid.rpartition("-")[2] != self.hash_hex:
-            raise CacheFormatError(f"source path {shown}: hash {self.hash_hex} is not its"
-                                   f" MCID {self.mcid}")
-        if list(self.references) != sorted(set(self.references), key=str):
-            raise CacheFormatError(f"{shown}: references are not sorted and unique")
-        if self.deriver is not None and not _DERIVER_RE.fullmatch(self.deriver):
-            raise CacheFormatError(f"{shown}: malformed deriver {self.deriver[:60]!r}")
-        for sig in self.signatures:
-            if not _SIG_RE.fullmatch(sig):
-                raise CacheFormatError(f"{shown}: malformed signature {sig[:60]!r}")
-        if list(self.signatures) != sorted(set(self.signatures)):
-            raise CacheFormatError(f"{shown}: signatures are not sorted and unique")
+
+    @property
+    def store_dir(self) -> str:
+        """The store dir the path lives in."""
+        return self.meta.store_dir
+
+    @property
+    def path(self) -> StorePath:
+        """The store path."""
+        return self.meta.path
+
+    @property
+    def kind(self) -> PathKind:
+        """The path's kind."""
+        return self.meta.kind
+
+    @property
+    def hash_hex(self) -> str:
+        """What the path's digest was computed over."""
+        return self.meta.hash_hex
+
+    @property
+    def mcid(self) -> Mcid:
+        """The contents' MCID."""
+        return self.meta.mcid
+
+    @property
+    def nar_size(self) -> int:
+        """Bytes of contents and link targets."""
+        return self.meta.nar_size
+
+    @property
+    def references(self) -> tuple[StorePath, ...]:
+        """The paths this one refers to, sorted."""
+        return self.meta.references
+
+    @property
+    def deriver(self) -> str | None:
+        """What produced the path (opaque), if known."""
+        return self.meta.deriver
+
+    @property
+    def signatures(self) -> tuple[str, ...]:
+        """The signatures, sorted."""
+        return self.meta.signatures
 
     @property
     def full_path(self) -> str:
         """``<store_dir>/<digest>-<name>``."""
-        return f"{self.store_dir}/{self.path}"
+        return self.meta.full_path
 
     def fingerprint(self) -> bytes:
-        """What signatures cover (:func:`bstore.store.signing.fingerprint`)."""
-        return fingerprint(self.store_dir, self.path, self.mcid, self.nar_size,
-                           self.references)
+        """What signatures cover (:meth:`PathMeta.fingerprint`)."""
+        return self.meta.fingerprint()
 
     def with_signatures(self, sigs: tuple[str, ...]) -> CacheMeta:
         """A copy with ``sigs`` merged into the signatures."""
-        return CacheMeta(self.store_dir, self.path, self.kind, self.hash_hex, self.mcid,
-                         self.nar_size, self.references, self.manifest_size, self.deriver,
-                         tuple(sorted(set(self.signatures) | set(sigs))))
+        return CacheMeta(self.meta.with_signatures(sigs), self.manifest_size)
 
     def to_bytes(self) -> bytes:
         """The canonical text block."""
-        lines = [
-            f"StorePath: {self.full_path}",
-            f"Kind: {self.kind.value}",
-            f"Hash: blake3:{self.hash_hex}",
-            f"MCID: {self.mcid}",
-            f"NarSize: {self.nar_size}",
-            "References:" + "".join(f" {r}" for r in self.references),
-        ]
-        if self.deriver is not None:
-            lines.append(f"Deriver: {self.deriver}")
-        lines.append("Compression: zstd")
-        lines.append(f"ManifestSize: {self.manifest_size}")
-        lines.extend(f"Sig: {s}" for s in self.signatures)
-        return "".join(line + "\n" for line in lines).encode()
+        return self.meta.to_bytes(
+            (("Compression", "zstd"), ("ManifestSize", str(self.manifest_size))))
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str) -> CacheMeta:
         """Parse a metadata object strictly; errors name ``source`` and the line."""
-        fields: dict[str, list[str]] = {}
-        order: list[str] = []
-        for number, line in enumerate(_lines(data, source, MAX_META_BYTES), start=1):
-            key, sep, value = line.partition(": ")
-            if not sep and line == "References:":
-                key, value = "References", ""
-            elif not sep or key not in _META_KEYS:
-                raise CacheFormatError(f"{source}:{number}: unknown or malformed line"
-                                       f" {line[:80]!r}")
-            if key != "Sig" and key in fields:
-                raise CacheFormatError(f"{source}:{number}: duplicate key {key!r}")
-            if order and _META_KEYS.index(key) < _META_KEYS.index(order[-1]):
-                raise CacheFormatError(f"{source}:{number}: key {key!r} is out of order",
-                                       hint="keys appear in the documented order")
-            order.append(key)
-            fields.setdefault(key, []).append(value)
-        missing = [k for k in _REQUIRED if k not in fields]
-        if missing:
-            raise CacheFormatError(f"{source}: metadata lacks {', '.join(missing)}")
-        meta = cls._from_fields(fields, source)
-        if meta.to_bytes() != data:
-            raise CacheFormatError(f"{source}: metadata of {meta.full_path} is not in"
-                                   " canonical form", hint="single spaces, sorted lists")
-        return meta
-
-    @classmethod
-    def _from_fields(cls, fields: dict[str, list[str]], source: str) -> CacheMeta:
-        def one(key: str) -> str:
-            return fields[key][0]
-
-        def number(key: str) -> int:
-            text = one(key)
-            if not text.isdigit() or len(text) > 20:
-                raise CacheFormatError(f"{source}: {key} {text!r} is not a number")
-            return int(text)
-
-        if one("Compression") != "zstd":
-            raise CacheFormatError(f"{source}: compression {one('Compression')!r} is not"
-                                   " supported", hint="bstore caches use zstd")
-        hash_text = one("Hash")
-        if not hash_text.startswith("blake3:"):
-            raise CacheFormatError(f"{source}: Hash {hash_text!r} is not a blake3 hash")
         try:
-            kind = PathKind(one("Kind"))
-        except ValueError:
-            raise CacheFormatError(f"{source}: unknown path kind {one('Kind')!r}") from None
-        store_dir, _, base = one("StorePath").rpartition("/")
-        refs = one("References")
-        try:
-            return cls(
-                store_dir=store_dir, path=StorePath.parse(base), kind=kind,
-                hash_hex=hash_text.removeprefix("blake3:"), mcid=Mcid(one("MCID")),
-                nar_size=number("NarSize"),
-                references=tuple(StorePath.parse(r) for r in refs.split(" ")) if refs else (),
-                manifest_size=number("ManifestSize"),
-                deriver=fields["Deriver"][0] if "Deriver" in fields else None,
-                signatures=tuple(fields.get("Sig", ())),
-            )
-        except CacheFormatError:
-            raise
-        except BstoreError as exc:
-            raise CacheFormatError(f"{source}: {exc.message}", hint=exc.hint) from exc
+            meta, extra = PathMeta.parse(data, source, _EXTENSION_KEYS)
+            if extra["Compression"] != "zstd":
+                raise CacheFormatError(f"{source}: compression {extra['Compression']!r} is"
+                                       " not supported", hint="bstore caches use zstd")
+            cache_meta = cls(meta, decimal(extra["ManifestSize"], "ManifestSize", source))
+            meta.require_canonical(cache_meta.to_bytes(), data, source)
+        except PathMetaError as exc:
+            # Callers of the cache see one error class for every malformed cache object.
+            raise CacheFormatError(exc.message, hint=exc.hint) from exc
+        return cache_meta
