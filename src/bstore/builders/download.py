@@ -37,6 +37,7 @@ from typing import BinaryIO
 import httpx
 
 from bstore.errors import BstoreError
+from bstore.http_limits import HttpLimits
 
 
 class DownloadError(BstoreError):
@@ -52,27 +53,22 @@ class ChecksumMismatch(DownloadError):
 
 
 @dataclass(frozen=True, slots=True)
-class DownloadPolicy:
+class DownloadPolicy(HttpLimits):
     """Limits for one download. Times in seconds, sizes and rates in bytes."""
 
     connect_timeout: float = 15.0
     read_timeout: float = 30.0
+    min_rate: int = 1024
+    rate_window: float = 60.0
     max_size: int = 2 * 1024 * 1024 * 1024
     retries: int = 3
     backoff: float = 0.5
-    # A body arriving slower than this on average over ``rate_window`` is a stall.
-    min_rate: int = 1024
-    rate_window: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.connect_timeout <= 0 or self.read_timeout <= 0 or self.rate_window <= 0:
-            raise ValueError("DownloadPolicy timeouts and rate_window must be positive")
-        if self.max_size <= 0 or self.retries < 0 or self.backoff < 0 or self.min_rate < 0:
+        # Explicit base call: zero-argument super() breaks in slotted dataclasses.
+        HttpLimits.__post_init__(self)
+        if self.max_size <= 0 or self.retries < 0 or self.backoff < 0:
             raise ValueError("DownloadPolicy sizes and counts must not be negative")
-
-    def timeout(self) -> httpx.Timeout:
-        """The httpx timeout this policy asks for."""
-        return httpx.Timeout(self.read_timeout, connect=self.connect_timeout)
 
 
 DEFAULT_POLICY = DownloadPolicy()
@@ -193,7 +189,7 @@ def _attempt(
                 digest.update(chunk)
                 sink.write(chunk)
                 elapsed = clock() - started
-                if elapsed >= policy.rate_window and size < policy.min_rate * elapsed:
+                if policy.stalled(size, elapsed):
                     raise _Retryable(
                         DownloadError(
                             f"download of {shown!r} stalled: {size} bytes in {elapsed:.0f} s, "

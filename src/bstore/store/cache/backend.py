@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 
 from bstore.errors import BstoreError
+from bstore.http_limits import HttpLimits
 from bstore.store import atomic
 from bstore.store.cache.format import check_key
 
@@ -53,12 +54,11 @@ class CacheAuthError(CacheError):
 
 
 @dataclass(frozen=True, slots=True)
-class CachePolicy:
+class CachePolicy(HttpLimits):
     """Per-cache network limits (seconds, bytes per second)."""
 
     connect_timeout: float = 5.0
     read_timeout: float = 15.0
-    #: A body arriving slower than this on average over ``rate_window`` is a stall.
     min_rate: int = 16 * 1024
     rate_window: float = 10.0
     #: How long "this cache does not have path X" is remembered.
@@ -67,9 +67,9 @@ class CachePolicy:
     parallel: int = 8
 
     def __post_init__(self) -> None:
-        if min(self.connect_timeout, self.read_timeout, self.rate_window) <= 0:
-            raise ValueError("CachePolicy timeouts must be positive")
-        if self.min_rate < 0 or self.negative_ttl < 0 or self.parallel < 1:
+        # Explicit base call: zero-argument super() breaks in slotted dataclasses.
+        HttpLimits.__post_init__(self)
+        if self.negative_ttl < 0 or self.parallel < 1:
             raise ValueError("CachePolicy rates and counts must not be negative")
 
 
@@ -206,13 +206,10 @@ class HttpCache(CacheBackend):
         self._token = token
         self._owned = client is None
         self._client = client or httpx.Client(
-            timeout=httpx.Timeout(self.policy.read_timeout, connect=self.policy.connect_timeout),
+            timeout=self.policy.timeout(),
             limits=httpx.Limits(max_connections=self.policy.parallel * 2),
             follow_redirects=False)
         self._clock = clock
-
-    def _timeout(self) -> httpx.Timeout:
-        return httpx.Timeout(self.policy.read_timeout, connect=self.policy.connect_timeout)
 
     def _map(self, key: str, exc: httpx.HTTPError, got: int = 0) -> CacheError:
         where = self.where(key)
@@ -238,7 +235,7 @@ class HttpCache(CacheBackend):
         """``HEAD`` the object."""
         check_key(key)
         try:
-            resp = self._client.head(self.where(key), timeout=self._timeout())
+            resp = self._client.head(self.where(key), timeout=self.policy.timeout())
         except httpx.HTTPError as exc:
             raise self._map(key, exc) from exc
         if resp.status_code == 200:
@@ -255,7 +252,7 @@ class HttpCache(CacheBackend):
             headers["authorization"] = f"Bearer {self._token}"
         try:
             resp = self._client.put(self.where(key), content=data, headers=headers,
-                                    timeout=self._timeout())
+                                    timeout=self.policy.timeout())
         except httpx.HTTPError as exc:
             raise self._map(key, exc) from exc
         if resp.status_code not in (200, 201, 204):
@@ -270,7 +267,7 @@ class HttpCache(CacheBackend):
         where = self.where(key)
         got = 0
         try:
-            with self._client.stream("GET", where, timeout=self._timeout(),
+            with self._client.stream("GET", where, timeout=self.policy.timeout(),
                                      headers={"accept-encoding": "identity"}) as resp:
                 if resp.status_code != 200:
                     raise self._status(key, resp.status_code)
@@ -284,8 +281,7 @@ class HttpCache(CacheBackend):
                         raise _too_large(where, max_bytes)
                     self._count(len(chunk))
                     elapsed = self._clock() - started
-                    if elapsed >= self.policy.rate_window and \
-                            got < self.policy.min_rate * elapsed:
+                    if self.policy.stalled(got, elapsed):
                         raise CacheUnavailable(
                             f"{where} is too slow: {got} bytes in {elapsed:.1f} s, below"
                             f" {self.policy.min_rate} bytes/s",
