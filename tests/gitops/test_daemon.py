@@ -90,7 +90,8 @@ class FakeReconciler:
                          "db": {"name": "db", "version": "2.1.0", "status": "failed",
                                 "last_error": "boom"}}}
 
-    def rollback(self, to: int | None) -> dict[str, Any]:
+    def rollback(self, to: int | None = None, *, wait: bool = True) -> dict[str, Any]:
+        assert not wait  # the daemon answers 409 rather than wait behind a pass
         self.rollbacks.append(to)
         return {"from": 3, "to": to or 2}
 

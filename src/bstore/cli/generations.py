@@ -4,12 +4,17 @@ Every command first finishes or reverts a switch an earlier bstore was killed in
 activation journal); ``rollback`` activates the generation it switches to with the
 configured activator (``--activator``, ``$BSTORE_ACTIVATOR``; ``dry-run`` by default
 until the real activators are configured, which shows the plan and runs nothing;
-``none`` switches the links only).
+``none`` switches the links only). When a GitOps configuration is in use (``--config``,
+``$BSTORE_CONFIG``, or ``./bstore.toml``), ``rollback`` goes through the reconciler
+(:meth:`bstore.gitops.reconciler.Reconciler.rollback`): under its lock, with the
+configured activator and health checks, and ``status.json`` rewritten from what then runs.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import click
@@ -122,18 +127,61 @@ def _hook(app: AppContext, store: LocalStore, profile: str, name: str
     return activation_hook(store, activator, echo)
 
 
+class RollbackFailed(BstoreError):
+    """A rollback through the reconciler whose activation failed (it was switched back)."""
+
+
+def _explicit(ctx: click.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def _rollback_gitops(ctx: click.Context, app: AppContext, config_file: Path, to: int | None,
+                     activator: str, profile: str) -> None:
+    """``bstore rollback`` with a GitOps config: through :meth:`Reconciler.rollback`."""
+    from bstore.gitops.config import load_config
+    from bstore.gitops.reconciler import Reconciler
+
+    overrides = {"profile": profile if _explicit(ctx, "profile") else None,
+                 "activator": activator if _explicit(ctx, "activator") else None}
+    config = load_config(config_file, overrides=overrides)
+    echo = app.log if app.json else click.echo
+    result = Reconciler(config, app.root, echo=echo).rollback(to)
+    if not result.ok:
+        raise RollbackFailed(
+            f"rollback of profile {config.profile} to generation {result.attempted} failed:"
+            f" {result.error}; it stays at generation {result.generation}",
+            hint="bstore status shows each app; bstore node logs the node's log")
+    app.emit({"profile": config.profile, "from": result.previous, "to": result.generation,
+              "switched": result.previous != result.generation, "via": "reconciler",
+              "config": str(config_file), "activation": result.to_json()},
+             f"profile {config.profile}: generation {result.previous} -> {result.generation}"
+             " (status updated; the next reconcile re-applies the repository tip: suspend"
+             " the daemon's loop to stay here)")
+
+
 @click.command("rollback")
 @click.option("--to", "to", type=int, metavar="N",
               help="Generation to switch to (default: the one before the current).")
 @click.option("--activator", default="dry-run", envvar="BSTORE_ACTIVATOR", show_default=True,
               help="Activator that makes the running apps match ('none': links only).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="GitOps config (default: $BSTORE_CONFIG, else ./bstore.toml if it exists):"
+              " roll back through the reconciler so its status stays right.")
 @_profile_option
 @_json_option
 @pass_app
-def rollback_cmd(app: AppContext, to: int | None, activator: str, profile: str,
-                 as_json: bool) -> None:
+@click.pass_context
+def rollback_cmd(ctx: click.Context, app: AppContext, to: int | None, activator: str,
+                 config_file: Path | None, profile: str, as_json: bool) -> None:
     """Switch the profile back to an earlier generation and activate it."""
+    from bstore.gitops.config import config_path
+
     app = _app(app, as_json)
+    gitops = config_path(config_file, os.environ, Path("bstore.toml"))
+    if gitops is not None:
+        _rollback_gitops(ctx, app, gitops, to, activator, profile)
+        return
     with LocalStore.open(app.root, create=False) as store:
         prof = Profile(store, profile)
         hook = _hook(app, store, profile, activator)

@@ -54,7 +54,7 @@ from typing import Any, Protocol
 
 from bstore.errors import BstoreError
 from bstore.events import EventBus, EventRing, Handle, JsonLinesSink, default_bus
-from bstore.gitops.activation_ops import Supervise, default_supervise, rollback_with_pipeline
+from bstore.gitops.activation_ops import Supervise, default_supervise
 from bstore.gitops.config import Config
 from bstore.gitops.http_api import ApiServer, Conflict
 from bstore.gitops.metrics import Metrics, app_statuses
@@ -101,6 +101,11 @@ class ReconcilerLike(Protocol):
 
     def status(self) -> Any:
         """The current status (a value with ``to_dict()``, a dataclass or a dict)."""
+
+    def rollback(self, to: int | None = None, *, wait: bool = True) -> Any:
+        """Switch back to generation ``to`` (None: the previous) and activate it, under
+        the reconcile lock, leaving the status right; the result has ``ok``. Raises a
+        ``ProfileError`` for a missing generation, the busy error with ``wait=False``."""
 
 
 #: Rolls the profile back to a generation (``None``: the previous) and activates it.
@@ -532,9 +537,8 @@ class Daemon:
         if not self._pass_lock.acquire(blocking=False):
             raise self._busy()
         try:
-            fn = self._rollback or getattr(self.reconciler, "rollback", None) \
-                or (lambda n: rollback_with_pipeline(self.reconciler, self.config, self.root,
-                                                     self.bus, n))
+            reconciler = self.reconciler
+            fn = self._rollback or (lambda n: reconciler.rollback(n, wait=False))
             try:
                 result = fn(to)
             except BstoreError as exc:

@@ -38,12 +38,13 @@ from typing import Any
 
 from bstore.activation import ActivationResult, BuildFn, BuildOutcome, Pipeline, realise_builder
 from bstore.activators.base import Activator, ActivatorContext, load_activator
-from bstore.activators.plan import RunningState
+from bstore.activators.plan import ActionKind, RunningState
 from bstore.errors import BstoreError
 from bstore.events import EventBus, default_bus
 from bstore.generations.failed import failed_number
 from bstore.generations.generation import AppBuild
 from bstore.generations.manifest import AppEntry, GenerationManifest
+from bstore.generations.profiles import ProfileError
 from bstore.gitops.config import Config
 from bstore.gitops.desired import (
     SpecCache,
@@ -63,7 +64,7 @@ from bstore.gitops.planner import (
     plan_reconcile,
 )
 from bstore.gitops.repo_sync import RepoSync, RepoSyncError, SyncResult
-from bstore.gitops.report import PassView, compose_status
+from bstore.gitops.report import PassView, blocked_apps, compose_status
 from bstore.gitops.status import (
     AppState,
     State,
@@ -535,6 +536,7 @@ class Reconciler:
                      quarantine=quarantine,
                      health=activation.health if activation is not None else {},
                      activation_failed=activation.failed if activation is not None else {},
+                     activation_blocked=blocked_apps(activation),
                      manual=self._state().get("manual") or {}, reverted=reverted or {}),
             self.status(), full_path=pipeline.store.full_path, node_of=self._node_of)
 
@@ -626,5 +628,55 @@ class Reconciler:
                                        self.status().tip_commit, failed={},
                                        quarantine=self.quarantine(), activation=result,
                                        reverted=None)
+            write_status(self.gitops_dir, status)
+            return result
+
+    def rollback(self, to: int | None = None, *, wait: bool = True) -> ActivationResult:
+        """Switch back to generation ``to`` (default: the one before the current) and
+        activate it with the pipeline (health-checked; a failure switches back), under the
+        reconcile lock (``wait=False``: :class:`ReconcileBusy` if a pass holds it); then
+        rewrite the status from what is active. The apps it changed are noted as a manual
+        ``rollback``: the next pass re-applies the repository's tip, which is why the
+        daemon suspends its loop after one. :class:`ProfileError` names a missing ``to``."""
+        with self.locked(wait=wait), LocalStore.open(self.root) as store:
+            pipeline = self._pipeline(store)
+            pipeline.recover()
+            profile = pipeline.profile
+            current = profile.current_number()
+            if to is None:
+                to = None if current is None else profile.previous_number(current)
+                if to is None:
+                    raise ProfileError(
+                        f"profile {profile.name!r} has no generation before"
+                        f" {current if current is not None else 'none'} to roll back to",
+                        hint="bstore generations lists them")
+            else:
+                profile.get(to)  # a missing number is a ProfileError naming it
+            with self.events.span("bstore.rollback", manual=True, from_generation=current,
+                                  to_generation=to) as span:
+                result = pipeline.activate_generation(to)
+                span.set(result="ok" if result.ok else "failed")
+            self._memo.idle_key = None
+            if result.ok:
+                state = self._state()
+                manual = dict(state.get("manual") or {})
+                at = now_iso()
+                manual.update({a.app: {"op": "rollback", "at": at, "generation": to}
+                               for a in result.actions if a.kind is not ActionKind.KEEP})
+                self._save_state({**state, "manual": manual})
+            active = self._active(store, pipeline)
+            status = self._make_status(pipeline, active, self.activator.current_state(),
+                                       self.status().tip_commit, failed={},
+                                       quarantine=self.quarantine(), activation=result,
+                                       reverted=None)
+            if result.ok:
+                tip = status.tip_commit
+                status = status.with_(
+                    last_commit=active.commit if active is not None else None,
+                    notes=(*status.notes, f"rolled back by hand to generation {to}: the apps"
+                           f" run generation {to}; the next reconcile re-applies "
+                           + (f"commit {tip[:12]}" if tip else "the repository")
+                           + " unless the loop is suspended (bstore daemon suspends it;"
+                           " POST /resume follows git again)"))
             write_status(self.gitops_dir, status)
             return result
