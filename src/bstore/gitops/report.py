@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bstore.activators.base import HealthResult
+from bstore.activators.plan import ActionKind, RunningState
 from bstore.activators.plan import AppStatus as Observed
-from bstore.activators.plan import RunningState
 from bstore.generations.manifest import AppEntry, GenerationManifest
 from bstore.gitops.status import AppState, AppStatus, State, Status, now_iso
 from bstore.store.paths import StorePath
@@ -37,8 +37,18 @@ class PassView:
     quarantine: Mapping[str, Any] | None = None
     health: Mapping[str, HealthResult] = field(default_factory=dict)
     activation_failed: Mapping[str, str] = field(default_factory=dict)
+    #: Apps the attempt did not touch because a dependency failed (a subset of
+    #: ``activation_failed``): after a rollback they still run, unharmed.
+    activation_blocked: frozenset[str] = frozenset()
     manual: Mapping[str, Any] = field(default_factory=dict)
     reverted: Mapping[str, Any] = field(default_factory=dict)
+
+
+def blocked_apps(activation: Any) -> frozenset[str]:
+    """Apps an activation result lists as blocked (not attempted: a dependency failed)."""
+    if activation is None:
+        return frozenset()
+    return frozenset(a.app for a in activation.actions if a.kind is ActionKind.BLOCKED)
 
 
 def observed(state: RunningState | None) -> tuple[AppState, bool | None, str | None]:
@@ -66,15 +76,26 @@ def compose_status(view: PassView, previous: Status, *,
     apps: dict[str, AppStatus] = {}
     entries = view.active.apps if view.active is not None else {}
     for name, entry in entries.items():
-        state, healthy, reason = observed(view.running.get(name))
-        reason = view.activation_failed.get(name) or view.failed.get(name) or reason
+        state, healthy, observed_reason = observed(view.running.get(name))
         check = view.health.get(name)
+        healthy = check.healthy if check is not None else healthy
+        fine = state is AppState.RUNNING and healthy is not False
+        note = _note(name, view)
+        # What the activator says of a running, healthy app ("node up") is information,
+        # not an error; an app merely blocked by a failed dependency still runs its
+        # previous version after the rollback.
+        reason = view.activation_failed.get(name) or view.failed.get(name)
+        if reason is not None and fine and name in view.activation_blocked:
+            note, reason = note or f"not changed: {reason}", None
+        if reason is None and not fine:
+            reason = observed_reason
+        elif reason is None and observed_reason and note is None:
+            note = observed_reason
         line = AppStatus(
             name, entry.version, state, store_path=full_path(entry.output),
             isolation=entry.isolation.value, node=node_of(entry),
-            healthy=check.healthy if check is not None else healthy,
-            health=check.detail if check is not None else None,
-            since=now, last_error=reason, note=_note(name, view))
+            healthy=healthy, health=check.detail if check is not None else None,
+            since=now, last_error=reason, note=note)
         old = previous.apps.get(name)
         if old is not None and (old.version, old.status) == (line.version, line.status):
             line = replace(line, since=old.since)

@@ -173,7 +173,7 @@ class Status:
                  f"commit: {(self.last_commit or '-')[:12]}   apps: {self.app_count}"
                  f"   healthy: {self.healthy_count}   last reconcile:"
                  f" {self.last_reconcile or 'never'}"]
-        if self.error:
+        if self.error and not self.quarantine:  # the quarantine line says it
             lines.append(f"error: {self.error}")
         if self.quarantine:
             q = self.quarantine
