@@ -22,7 +22,6 @@ import os
 import random
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,15 +35,13 @@ import pytest
 from bstore.store.atomic import remove_tree
 from bstore.store.cache import BinaryCache, Substituters
 from bstore.store.local import LocalStore
-from bstore.store.manifest import symlink_escapes
 from bstore.store.signing import TrustedKeys, generate_key
+from peers import copy_otp, needs_otp, nix_env, print_ratio
 
-OTP = Path("/usr/lib/erlang")
 KEY = generate_key("bench")
 TRUSTED = TrustedKeys((KEY.public_key,))
 
 needs_nix = pytest.mark.skipif(shutil.which("nix") is None, reason="needs nix (nix-bin)")
-needs_otp = pytest.mark.skipif(not OTP.is_dir(), reason="needs /usr/lib/erlang")
 needs_erlc = pytest.mark.skipif(shutil.which("erlc") is None, reason="needs erlc")
 
 
@@ -61,32 +58,16 @@ def base() -> Iterator[Path]:
         remove_tree(path)
 
 
-def _nix_env() -> dict[str, str]:
-    return {**os.environ, "NIX_REMOTE": "",
-            "NIX_CONFIG": "experimental-features = nix-command\nsandbox = false"}
-
-
 def _nix(*args: str) -> str:
     res = subprocess.run(["nix", *args], check=True, capture_output=True, text=True,
-                         env=_nix_env())
+                         env=nix_env())
     return res.stdout.strip()
-
-
-def _otp_copy(dst: Path) -> Path:
-    shutil.copytree(OTP, dst, symlinks=True)
-    for dirpath, dirnames, filenames in os.walk(dst):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = os.fsencode(p.relative_to(dst))
-            if p.is_symlink() and symlink_escapes(rel, os.readlink(os.fsencode(p))):
-                p.unlink()
-    return dst
 
 
 @needs_nix
 @needs_otp
 def test_copy_otp_via_file_cache_vs_nix_copy(benchmark: Any, base: Path) -> None:
-    tree = _otp_copy(base / "erlang")
+    tree = copy_otp(base / "erlang")
     root, a_dir = base / "host" / "root", base / "a-root"
     with LocalStore.open(root) as st:
         sp = st.add_path(tree, "erlang")
@@ -130,13 +111,8 @@ def test_copy_otp_via_file_cache_vs_nix_copy(benchmark: Any, base: Path) -> None
     benchmark.pedantic(round_trip, setup=setup, rounds=5)
     assert all(ok) and len(ok) == 5
     assert (Path(nix_b) / nix_path.lstrip("/")).is_dir()
-    ours_min = float(benchmark.stats.stats.min)
-    ours_med = float(benchmark.stats.stats.median)
-    print(f"\n[copy OTP tree to file:// cache and back] bstore min {ours_min:.3f}s median"
-          f" {ours_med:.3f}s | nix copy --to/--from min {min(nix_times):.3f}s median"
-          f" {statistics.median(nix_times):.3f}s | ratio (min)"
-          f" {ours_min / min(nix_times):.2f}, (median)"
-          f" {ours_med / statistics.median(nix_times):.2f} (target <= 0.5)")
+    print_ratio("copy OTP tree to file:// cache and back", float(benchmark.stats.stats.min),
+                float(benchmark.stats.stats.median), "nix copy --to/--from", nix_times, 0.5)
     # CPU seconds (user + system, all threads / child processes): less disturbed than
     # wall time when the machine is shared.
     print(f"[same, CPU time] bstore min {min(our_cpu):.3f}s | nix min {min(nix_cpu):.3f}s |"

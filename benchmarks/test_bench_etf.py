@@ -14,9 +14,7 @@ Run: ``.venv/bin/pytest benchmarks/test_bench_etf.py -p no:xdist --benchmark-onl
 from __future__ import annotations
 
 import shutil
-import statistics
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import pytest
 from bstore.activators.etf import decode, encode
 from bstore.activators.vmterms import VmTerm
 from bstore.specs.terms.model import Atom
+from peers import median_seconds
 
 ROUNDS = 5
 
@@ -47,15 +46,6 @@ def _term() -> VmTerm:
     ]
 
 
-def _median_seconds(fn: Any) -> float:
-    times = []
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def test_etf_codec_vs_erlang_bifs(benchmark: Any, tmp_path: Path) -> None:
     term = _term()
     blob = encode(term)
@@ -72,8 +62,8 @@ def test_etf_codec_vs_erlang_bifs(benchmark: Any, tmp_path: Path) -> None:
     ).stdout.split()
     erl_decode, erl_encode = int(out[0]) / 1e6, int(out[1]) / 1e6
 
-    ours_decode = _median_seconds(lambda: decode(blob))
-    ours_encode = _median_seconds(lambda: encode(term))
+    ours_decode = median_seconds(lambda: decode(blob), ROUNDS)
+    ours_encode = median_seconds(lambda: encode(term), ROUNDS)
     benchmark.pedantic(lambda: decode(blob), rounds=3, iterations=1)
 
     print(

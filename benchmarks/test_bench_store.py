@@ -35,15 +35,14 @@ import pytest
 from bstore.store.atomic import remove_tree
 from bstore.store.gc import collect_garbage
 from bstore.store.local import LocalStore
-from bstore.store.manifest import compute_mcid, symlink_escapes
+from bstore.store.manifest import compute_mcid
+from peers import copy_otp, needs_otp, nix_env, print_ratio
 
-OTP = Path("/usr/lib/erlang")
 BSTORE = str(Path(sys.executable).with_name("bstore"))
 GC_PATHS = 5000
 
 needs_b3sum = pytest.mark.skipif(shutil.which("b3sum") is None, reason="needs b3sum")
 needs_nix = pytest.mark.skipif(shutil.which("nix-store") is None, reason="needs nix-store")
-needs_otp = pytest.mark.skipif(not OTP.is_dir(), reason="needs /usr/lib/erlang")
 
 
 @pytest.fixture(scope="session")
@@ -61,15 +60,7 @@ def big_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def otp_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of /usr/lib/erlang minus symlinks that leave it."""
-    dst = tmp_path_factory.mktemp("otp") / "erlang"
-    shutil.copytree(OTP, dst, symlinks=True)
-    for dirpath, dirnames, filenames in os.walk(dst):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = os.fsencode(p.relative_to(dst))
-            if p.is_symlink() and symlink_escapes(rel, os.readlink(os.fsencode(p))):
-                p.unlink()
-    return dst
+    return copy_otp(tmp_path_factory.mktemp("otp") / "erlang")
 
 
 def _files(tree: Path) -> list[str]:
@@ -97,14 +88,8 @@ class _Peer:
 
 
 def _report(title: str, benchmark: Any, peer: _Peer, peer_name: str, target: float) -> float:
-    ours_min = float(benchmark.stats.stats.min)
-    ours_med = float(benchmark.stats.stats.median)
-    ratio = ours_min / min(peer.times)
-    print(f"\n[{title}] bstore min {ours_min:.3f}s median {ours_med:.3f}s | {peer_name} min"
-          f" {min(peer.times):.3f}s median {statistics.median(peer.times):.3f}s |"
-          f" ratio (min) {ratio:.2f}, (median) {ours_med / statistics.median(peer.times):.2f}"
-          f" (target <= {target})")
-    return ratio
+    return print_ratio(title, float(benchmark.stats.stats.min),
+                       float(benchmark.stats.stats.median), peer_name, peer.times, target)
 
 
 @needs_b3sum
@@ -125,11 +110,6 @@ def test_mcid_otp_tree_vs_b3sum(benchmark: Any, otp_copy: Path) -> None:
     _report(f"MCID OTP tree ({len(files)} files)", benchmark, peer, "b3sum", 1.5)
 
 
-def _nix_env() -> dict[str, str]:
-    # A daemon-less chroot store: nothing touches /nix; state goes where --store says.
-    return {**os.environ, "NIX_REMOTE": "", "NIX_CONFIG": "sandbox = false"}
-
-
 @needs_nix
 @needs_otp
 def test_store_add_otp_vs_nix_store_add(benchmark: Any, otp_copy: Path,
@@ -143,7 +123,7 @@ def test_store_add_otp_vs_nix_store_add(benchmark: Any, otp_copy: Path,
         nix_root.mkdir()
 
     peer = _Peer(fresh_nix, lambda: ["nix-store", "--store", f"local?root={nix_root}",
-                                     "--add", str(otp_copy)], env=_nix_env())
+                                     "--add", str(otp_copy)], env=nix_env())
 
     def setup() -> None:
         for r in roots:
@@ -199,10 +179,10 @@ def test_store_gc_5000_vs_nix_store_gc(benchmark: Any, small_sources: list[Path]
         nix_root.mkdir()
         subprocess.run(["nix-store", "--store", f"local?root={nix_root}", "--add",
                         *map(str, small_sources)], check=True, stdout=subprocess.DEVNULL,
-                       env=_nix_env())
+                       env=nix_env())
 
     peer = _Peer(fresh_nix, lambda: ["nix-store", "--store", f"local?root={nix_root}",
-                                     "--gc"], env=_nix_env())
+                                     "--gc"], env=nix_env())
 
     cli_times: list[float] = []
 

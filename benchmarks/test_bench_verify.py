@@ -14,13 +14,11 @@ start-up and imports). Run:
 
 from __future__ import annotations
 
-import os
 import shutil
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,29 +27,10 @@ import pytest
 
 from bstore.store.local import LocalStore
 from bstore.store.verify import verify_store
+from peers import OTP, copy_otp, median_seconds, nix_env
 
-OTP = Path("/usr/lib/erlang")
 BSTORE = str(Path(sys.executable).with_name("bstore"))
 ROUNDS = 7
-
-
-def copy_otp(dest: Path) -> Path:
-    """Copy the OTP tree, replacing links that leave it (Debian points ``man`` and two
-    jquery files into /usr/share) by copies, or dropping them when they are dirs."""
-    shutil.copytree(OTP, dest, symlinks=True)
-    for dirpath, dirnames, filenames in os.walk(dest):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            if not path.is_symlink():
-                continue
-            original = OTP / path.relative_to(dest)
-            resolved = original.resolve()
-            if resolved.is_relative_to(OTP.resolve()):
-                continue
-            path.unlink()
-            if resolved.is_file():
-                shutil.copyfile(resolved, path)
-    return dest
 
 
 @dataclass
@@ -66,28 +45,19 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stores]:
     if not OTP.is_dir() or shutil.which("nix-store") is None:
         pytest.skip("needs /usr/lib/erlang and nix-store")
     base = tmp_path_factory.mktemp("bench-verify")
-    tree = copy_otp(base / "otp")
+    # Links that leave the tree for a file become copies of the file (~3,900 entries).
+    tree = copy_otp(base / "otp", copy_escaping_files=True)
     nix = f"local?root={base / 'nixroot'}"
     subprocess.run(["nix-store", "--store", nix, "--add", str(tree)], check=True,
-                   capture_output=True)
+                   capture_output=True, env=nix_env())
     with LocalStore.open(base / "broot") as st:
         st.add_path(tree, "otp")
         yield Stores(st, base / "broot", nix)
 
 
-def median_seconds(run: Callable[[], object], rounds: int = ROUNDS) -> float:
-    run()  # warm-up: page cache, sqlite, imports
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def nix_verify(nix: str) -> None:
     proc = subprocess.run(["nix-store", "--store", nix, "--verify", "--check-contents"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=nix_env())
     assert proc.returncode == 0, proc.stderr
 
 
@@ -104,8 +74,8 @@ def test_verify_check_contents_vs_nix_store(stores: Stores, benchmark: Any) -> N
 
     benchmark.pedantic(ours, rounds=ROUNDS, warmup_rounds=1)
     bstore_api = statistics.median(benchmark.stats.stats.data)
-    nix = median_seconds(lambda: nix_verify(stores.nix_store))
-    cli = median_seconds(lambda: bstore_cli_verify(stores.bstore_root), rounds=3)
+    nix = median_seconds(lambda: nix_verify(stores.nix_store), ROUNDS, warm_up=True)
+    cli = median_seconds(lambda: bstore_cli_verify(stores.bstore_root), 3, warm_up=True)
     print(f"\nverify --check-contents, OTP tree ({sum(1 for _ in OTP.rglob('*'))} entries):"
           f"\n  bstore (API)  {bstore_api:.3f} s\n  bstore (CLI)  {cli:.3f} s"
           f"\n  nix-store     {nix:.3f} s"
