@@ -22,6 +22,7 @@ from types import TracebackType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "store"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "builders"))
+from cachehelpers import as_host_a, start_server, stop_server
 from realise_helpers import commit_all, git_repo
 from storehelpers import BSTORE
 
@@ -92,9 +93,7 @@ class TwoHosts:
         return {**env, "PATH": self.path}
 
     def _as_a(self, argv: list[str]) -> list[str]:
-        script = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
-        return ["unshare", "-m", "sh", "-c", script, "sh", str(self.a_dir), str(self.root),
-                *argv]
+        return as_host_a(self.a_dir, self.root, argv)
 
     def _bstore(self, *args: str) -> list[str]:
         return [*BSTORE, "--root", str(self.root), *args]
@@ -111,28 +110,14 @@ class TwoHosts:
 
     def serve_a(self, *args: str) -> tuple[subprocess.Popen[str], str]:
         """Start ``bstore cache serve`` as host A; returns the process and its URL."""
-        proc = subprocess.Popen(self._as_a(self._bstore("cache", "serve", *args)),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=self._env())
+        proc, url = start_server(self._as_a(self._bstore("cache", "serve", *args)),
+                                 env=self._env())
         self.servers.append(proc)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if "serving" not in line:
-            self.stop(proc)
-            raise AssertionError(f"cache serve did not start: {line!r}")
-        return proc, line.strip().rsplit(" ", 1)[1]
+        return proc, url
 
     def stop(self, proc: subprocess.Popen[str]) -> None:
         """Stop one server this object started (by its own process handle)."""
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        stop_server(proc)
         if proc in self.servers:
             self.servers.remove(proc)
 

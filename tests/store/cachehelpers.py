@@ -37,6 +37,41 @@ def namespaces_work() -> bool:
     return res.returncode == 0
 
 
+def as_host_a(a_dir: Path, root: Path, argv: list[str]) -> list[str]:
+    """``argv`` run in a private mount namespace with ``a_dir`` bind-mounted at ``root``."""
+    script = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+    return ["unshare", "-m", "sh", "-c", script, "sh", str(a_dir), str(root), *argv]
+
+
+def start_server(argv: list[str], env: dict[str, str] | None = None
+                 ) -> tuple[subprocess.Popen[str], str]:
+    """Start ``bstore cache serve`` (``argv``); return the process and the URL it prints.
+    If it does not start, it is stopped and AssertionError carries what it said."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "serving" not in line:
+        proc.kill()
+        said = proc.stderr.read() if proc.stderr else ""
+        stop_server(proc)
+        raise AssertionError(f"cache serve did not start: {line!r} {said}")
+    return proc, line.strip().rsplit(" ", 1)[1]
+
+
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    """Stop a server the test started (by its own process handle) and close its pipes."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
 def write_many(base: Path, count: int, prefix: str = "f", size: int = 300) -> Path:
     """A tree of ``count`` small distinct files in a few directories."""
     for i in range(count):
@@ -96,9 +131,7 @@ class Hosts:
         return cls(root, a_dir)
 
     def _ns(self, argv: list[str]) -> list[str]:
-        script = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
-        return ["unshare", "-m", "sh", "-c", script, "sh", str(self.a_dir), str(self.root),
-                *argv]
+        return as_host_a(self.a_dir, self.root, argv)
 
     def run_a(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``bstore --root ROOT args`` as host A."""
@@ -107,17 +140,10 @@ class Hosts:
 
     def serve_a(self, *args: str) -> str:
         """Start ``bstore cache serve`` as host A; return its URL."""
-        proc = subprocess.Popen(self._ns([*BSTORE, "--root", str(self.root), "cache",
-                                          "serve", *args]),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc, url = start_server(self._ns([*BSTORE, "--root", str(self.root), "cache",
+                                           "serve", *args]))
         self.servers.append(proc)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if "serving" not in line:
-            proc.kill()
-            raise AssertionError(f"cache serve did not start: {line!r}"
-                                 f" {proc.stderr.read() if proc.stderr else ''}")
-        return line.strip().rsplit(" ", 1)[1]
+        return url
 
     def reset_b(self) -> None:
         """Empty host B (keep the directory: it is A's mount point elsewhere)."""
@@ -127,15 +153,7 @@ class Hosts:
     def stop(self) -> None:
         """Stop every server this object started (by its own process handle)."""
         for proc in self.servers:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
+            stop_server(proc)
         self.servers.clear()
 
 
