@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,3 +293,26 @@ class ServedHexRepo:
         """Re-render every route (after changing the builder's releases)."""
         self.builder.write(self.root)
         self.repo = self.builder.serve(self.server)
+
+    def rebar3_app(self, app: Path, *, applications: str, deps: str) -> dict[str, str]:
+        """Write the rebar3 project ``app`` (an OTP app named after the directory, its
+        ``applications`` beyond kernel and stdlib, its ``deps`` in rebar.config syntax)
+        that fetches only from this repository; return the environment to run rebar3 in
+        (its HOME and package cache next to ``app``)."""
+        (app / "src").mkdir(parents=True)
+        (app / f"src/{app.name}.app.src").write_text(
+            f'{{application, {app.name}, [{{vsn, "0.1.0"}}, {{description, "t"}},'
+            f" {{registered, []}},\n {{applications, [kernel, stdlib, {applications}]}},"
+            " {env, []}, {modules, []}]}.\n"
+        )
+        pem = self.repo.public_key_pem.replace("\n", "\\n")
+        (app / "rebar.config").write_text(
+            f"{{deps, [{deps}]}}.\n"
+            '{hex, [{repos, replace, [#{name => <<"testrepo">>, '
+            f'repo_url => <<"{self.repo.url}">>, repo_public_key => <<"{pem}">>}}]}}]}}.\n'
+        )
+        return {
+            "PATH": os.environ["PATH"],
+            "HOME": str(app.parent / "home"),
+            "REBAR_CACHE_DIR": str(app.parent / "cache"),
+        }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -56,25 +55,11 @@ def test_rebar3_builds_an_app_on_the_test_repository(
     """rebar3 (through hex_core) verifies our signatures and tarballs, compiles every
     package of the chain, and the linked code runs."""
     app = tmp_path / "myapp"
-    (app / "src").mkdir(parents=True)
-    (app / "src/myapp.app.src").write_text(
-        '{application, myapp, [{vsn, "0.1.0"}, {description, "t"}, {registered, []},\n'
-        " {applications, [kernel, stdlib, hexa_top]}, {env, []}, {modules, []}]}.\n"
-    )
+    env = hex_repo.rebar3_app(app, applications="hexa_top",
+                              deps='{hexa_top, "0.1.0"}, {hexa_mid, "1.1.0"}')
     (app / "src/myapp.erl").write_text(
         "-module(myapp).\n-export([go/0]).\ngo() -> hexa_top:chain().\n"
     )
-    pem = hex_repo.repo.public_key_pem.replace("\n", "\\n")
-    (app / "rebar.config").write_text(
-        '{deps, [{hexa_top, "0.1.0"}, {hexa_mid, "1.1.0"}]}.\n'
-        '{hex, [{repos, replace, [#{name => <<"testrepo">>, '
-        f'repo_url => <<"{hex_repo.repo.url}">>, repo_public_key => <<"{pem}">>}}]}}]}}.\n'
-    )
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(tmp_path / "home"),
-        "REBAR_CACHE_DIR": str(tmp_path / "cache"),
-    }
     proc = subprocess.run(
         ["rebar3", "compile"], cwd=app, env=env, capture_output=True, text=True, timeout=300
     )

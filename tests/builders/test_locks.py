@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -174,23 +173,8 @@ def test_rebar_lock_written_by_rebar3(hex_repo: ServedHexRepo, tmp_path: Path) -
     """rebar3 itself fetches from the test repository (checking our signatures, protobuf
     and tarballs with hex_core) and writes a rebar.lock that we then read back."""
     app = tmp_path / "app"
-    (app / "src").mkdir(parents=True)
-    (app / "src/app.app.src").write_text(
-        '{application, app, [{vsn, "0.1.0"}, {description, "t"}, {registered, []},\n'
-        " {applications, [kernel, stdlib, hexa_mid]}, {env, []}, {modules, []}]}.\n"
-    )
-    pem = hex_repo.repo.public_key_pem.replace("\n", "\\n")
-    (app / "rebar.config").write_text(
-        '{deps, [{hexa_mid, "1.0.0"}]}.\n'
-        '{hex, [{repos, replace, [#{name => <<"testrepo">>, '
-        f'repo_url => <<"{hex_repo.repo.url}">>, repo_public_key => <<"{pem}">>}}]}}]}}.\n'
-    )
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(tmp_path / "home"),
-        "REBAR_CACHE_DIR": str(tmp_path / "cache"),
-        "REBAR_OFFLINE": "",
-    }
+    env = {**hex_repo.rebar3_app(app, applications="hexa_mid", deps='{hexa_mid, "1.0.0"}'),
+           "REBAR_OFFLINE": ""}
     proc = subprocess.run(
         ["rebar3", "get-deps"], cwd=app, env=env, capture_output=True, text=True, timeout=300
     )
