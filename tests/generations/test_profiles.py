@@ -202,6 +202,25 @@ def test_corrupt_manifest_in_generation(store: LocalStore, beams: Beams) -> None
         load_generation(store, prof.get(1).store_path)
 
 
+def test_a_checked_manifest_is_reused_until_its_file_changes(store: LocalStore,
+                                                              beams: Beams) -> None:
+    prof, _ = _three_generations(store, beams)
+    sp = prof.get(1).store_path
+    first = load_generation(store, sp)
+    # Switches read the same immutable manifest again and again: parsed and hashed once.
+    assert load_generation(store, sp) is first
+    assert switch_to(prof, 1).current.number == 1
+    assert load_generation(store, sp) is first
+    # A rewritten file (same size, same inode) is read and checked afresh.
+    target = store.real_path(sp) / "manifest.json"
+    os.chmod(target.parent, 0o755)
+    os.chmod(target, 0o644)
+    target.write_bytes(target.read_bytes().replace(b'"db"', b'"dc"', 1))
+    with pytest.raises(ManifestError) as info:
+        load_generation(store, sp)
+    assert str(target) in info.value.message
+
+
 def test_swapped_manifest_does_not_match_path(store: LocalStore, beams: Beams) -> None:
     prof, _ = _three_generations(store, beams)
     one = store.real_path(prof.get(1).store_path) / "manifest.json"
