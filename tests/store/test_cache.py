@@ -94,7 +94,7 @@ def test_push_layout(world: World) -> None:
     blob = blob_key(blake3.blake3(world.app_file).hexdigest())
     assert zstandard.ZstdDecompressor().decompress((world.good / blob).read_bytes()) == \
         world.app_file
-    meta = CacheMeta.from_bytes((world.good / meta_key(world.app)).read_bytes(), "m")
+    meta = CacheMeta.from_bytes((world.good / meta_key(world.app)).read_bytes(), "m").meta
     assert meta.references == (world.lib,) and meta.deriver == "7" * 64
 
 

@@ -139,25 +139,27 @@ class BinaryCache:
                              hint="paths name their store dir; use a cache for this one")
         key = meta_key(sp)
         where = self.backend.where(key)
-        meta = CacheMeta.from_bytes(self.backend.read(key, MAX_META_BYTES), where)
+        cached = CacheMeta.from_bytes(self.backend.read(key, MAX_META_BYTES), where)
+        meta = cached.meta
         if meta.path != sp or meta.store_dir != store_dir:
             raise CacheFormatError(f"{where} describes {meta.full_path}, not"
                                    f" {store_dir}/{sp}",
                                    hint="the cache serves another path's metadata")
         trusted.check(meta.fingerprint(), meta.signatures, f"{meta.full_path} from {where}")
-        return meta
+        return cached
 
-    def fetch(self, store: LocalStore, meta: CacheMeta, local: LocalBlobs | None = None,
+    def fetch(self, store: LocalStore, cached: CacheMeta, local: LocalBlobs | None = None,
               progress: Callable[[int, int], None] | None = None) -> FetchStats:
-        """Fetch the verified ``meta``'s tree and register it (references must be valid
-        already). Nothing is registered unless every byte matches the signed MCID."""
-        manifest = fetch_manifest(self.backend, meta.mcid, meta.manifest_size)
+        """Fetch the verified ``cached`` path's tree and register it (references must be
+        valid already). Nothing is registered unless every byte matches the signed MCID."""
+        meta = cached.meta
+        manifest = fetch_manifest(self.backend, meta.mcid, cached.manifest_size)
         if manifest.nar_size != meta.nar_size:
             raise BlobError(f"{meta.full_path}: manifest has {manifest.nar_size} bytes of"
                             f" contents, the metadata says {meta.nar_size}")
         with store.staging_dir("substitute") as stage:
             tree = stage / "tree"
-            stats = stage_tree(self.backend, meta, manifest, tree, local,
+            stats = stage_tree(self.backend, cached, manifest, tree, local,
                                self._workers(), progress)
             sp = store.register_tree(
                 tree, meta.path.name, kind=meta.kind, hash_hex=meta.hash_hex,
@@ -193,7 +195,7 @@ class BinaryCache:
             meta = path_cache_meta(store, sp, manifest, key)
             self._push_blobs(store, sp, manifest, report)
             data = manifest.to_bytes()
-            self.backend.put(manifest_key(meta.mcid), compress(data))
+            self.backend.put(manifest_key(meta.meta.mcid), compress(data))
             self.backend.flush()
             self.backend.put(meta_key(sp), meta.to_bytes())
             report.paths.append(sp)
@@ -358,7 +360,7 @@ class Substituters:
         try:
             for cache, meta in self._find(store, sp):
                 if not all(self._substitute(store, r, local, visiting)
-                           for r in meta.references if r != sp):
+                           for r in meta.meta.references if r != sp):
                     return False
                 if self.progress is not None:
                     self.progress(f"fetching {meta.full_path} from {cache.url}")

@@ -39,7 +39,7 @@ from bstore.store.archive_meta import PathMeta, PathMetaError, decimal
 from bstore.store.keyed_block import block_lines
 from bstore.store.layout import StoreError
 from bstore.store.manifest import Mcid, validate_mcid
-from bstore.store.paths import PathKind, StorePath
+from bstore.store.paths import StorePath
 
 CACHE_VERSION = "1"
 CACHE_INFO_KEY = "cache-info"
@@ -131,8 +131,8 @@ class CacheInfo:
 class CacheMeta:
     """Signed metadata of one store path in a cache (see the module docstring).
 
-    The export block (``meta``) plus the cache's own keys; everything about the path,
-    its validation and the line codec are :class:`PathMeta`'s.
+    The export block (``meta``: the path, its validation, signatures and the line codec
+    are :class:`PathMeta`'s) plus the cache's own keys.
     """
 
     meta: PathMeta
@@ -144,53 +144,8 @@ class CacheMeta:
                                    f" {self.manifest_size} is out of range")
 
     @property
-    def store_dir(self) -> str:
-        """The store dir the path lives in."""
-        return self.meta.store_dir
-
-    @property
-    def path(self) -> StorePath:
-        """The store path."""
-        return self.meta.path
-
-    @property
-    def kind(self) -> PathKind:
-        """The path's kind."""
-        return self.meta.kind
-
-    @property
-    def hash_hex(self) -> str:
-        """What the path's digest was computed over."""
-        return self.meta.hash_hex
-
-    @property
-    def mcid(self) -> Mcid:
-        """The contents' MCID."""
-        return self.meta.mcid
-
-    @property
-    def nar_size(self) -> int:
-        """Bytes of contents and link targets."""
-        return self.meta.nar_size
-
-    @property
-    def references(self) -> tuple[StorePath, ...]:
-        """The paths this one refers to, sorted."""
-        return self.meta.references
-
-    @property
-    def deriver(self) -> str | None:
-        """What produced the path (opaque), if known."""
-        return self.meta.deriver
-
-    @property
-    def signatures(self) -> tuple[str, ...]:
-        """The signatures, sorted."""
-        return self.meta.signatures
-
-    @property
     def full_path(self) -> str:
-        """``<store_dir>/<digest>-<name>``."""
+        """``<store_dir>/<digest>-<name>`` (for messages)."""
         return self.meta.full_path
 
     def fingerprint(self) -> bytes:
