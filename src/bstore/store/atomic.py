@@ -82,6 +82,19 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def write_new_file(path: str | bytes, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``mode`` (it must not exist, not even as a symlink) and write
+    all of ``data`` (no fsync: callers sync the tree or rename a temp file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
 def _umask() -> int:
     # os.umask can only be read by setting it; this happens once per process.
     mask = os.umask(0o022)

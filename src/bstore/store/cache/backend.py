@@ -147,13 +147,7 @@ class FileCache(CacheBackend):
                 os.makedirs(parent, exist_ok=True)
                 self._made.add(parent)
             tmp = f"{parent}/.{name}.tmp-{secrets.token_hex(4)}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
+            atomic.write_new_file(tmp, data, 0o644)
             os.replace(tmp, path)
         except OSError as exc:
             raise CacheError(f"cannot write {self.where(key)}: {exc.strerror}") from exc

@@ -19,6 +19,7 @@ from typing import TypeVar
 import blake3
 import zstandard
 
+from bstore.store.atomic import write_new_file
 from bstore.store.cache.backend import CacheBackend, CacheError, CacheTooLarge
 from bstore.store.cache.format import CacheMeta, blob_key, manifest_key
 from bstore.store.local import LocalStore
@@ -254,14 +255,7 @@ def _copy_verified(src: bytes, entry: ManifestEntry, dest: bytes) -> bool:
 
 
 def _write_file(dest: bytes, data: bytes, executable: bool) -> None:
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o755 if executable else 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
+    write_new_file(dest, data, 0o755 if executable else 0o644)
 
 
 def stage_tree(backend: CacheBackend, meta: CacheMeta, manifest: Manifest, dest: Path,
