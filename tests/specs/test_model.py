@@ -226,3 +226,22 @@ def test_tagged_json_errors(value: Any, message: str) -> None:
 def test_encode_refuses_non_terms(bad: Any) -> None:
     with pytest.raises((TypeError, ValueError)):
         termjson.encode(bad)
+
+
+@pytest.mark.parametrize(("a", "b", "same"), [
+    ([104, 105], [104, 105], True),
+    ([104, 105], [104, 105.0], False),
+    ([1.0], [1], False),
+    ([], [], True),
+    ([1, [2]], [1, [2.0]], False),
+    ([1, [2]], [1, [2]], True),
+    ((1, 2), (1, 2), True),
+    ((1, 2.0), (1, 2), False),
+    ([Atom("a"), 1], [Atom("a"), 1], True),
+    ([1, 2], [1, 3], False),
+    ([1], [1, 1], False),
+    ([ImproperList((1,), 2)], [ImproperList((1,), 2.0)], False),
+])
+def test_exactly_equal_lists(a: Term, b: Term, same: bool) -> None:
+    # Lists take a fast path (== first, then integer-only lists); =:= must stay exact.
+    assert exactly_equal(a, b) is same and exactly_equal(b, a) is same

@@ -49,13 +49,23 @@ Term: TypeAlias = Union[  # noqa: UP007 - a recursive alias needs the string-fre
 ]
 
 
+_INTS = frozenset({int})
+
+
 def exactly_equal(a: Term, b: Term) -> bool:
     """Erlang's ``=:=``: like ``==`` but integers never equal floats, at any depth."""
     if type(a) is not type(b):
         return False
     if isinstance(a, list | tuple):
         assert isinstance(b, list | tuple)
-        return len(a) == len(b) and all(exactly_equal(x, y) for x, y in zip(a, b, strict=True))
+        # =:= implies ==, so a C-speed == rejects at once; and two equal lists of nothing
+        # but integers (charlists: most of an app's env) are exactly equal without the
+        # element-wise walk (a plan compares every env of a 50-app generation).
+        if len(a) != len(b) or a != b:
+            return False
+        if _INTS.issuperset(map(type, a)) and _INTS.issuperset(map(type, b)):
+            return True
+        return all(exactly_equal(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         assert isinstance(b, dict)
         if len(a) != len(b):
