@@ -5,6 +5,11 @@ into on every resolve so branches follow force-pushes. The export writes blob co
 straight from the object database: no hooks, no filters (no smudge, no line-ending
 conversion), no submodules are ever run, and no shell is involved at any point. The
 source identity is the commit id.
+
+Servers must prove who they are: an https certificate must chain to the system CA store
+(``SSL_CERT_FILE`` at start-up) or to a configured ``ca_bundle``; an ssh host key must be
+listed in the configured ``known_hosts`` file, else in ``~/.ssh/known_hosts``. Unknown
+servers are refused before any credential is sent.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ import os
 import re
 import shutil
 import stat
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -33,6 +41,11 @@ _ALLOWED_SCHEMES = ("file", "https", "http", "ssh", "git+ssh")
 _MODE_TREE, _MODE_BLOB, _MODE_EXEC, _MODE_LINK, _MODE_COMMIT = (
     0o040000, 0o100644, 0o100755, 0o120000, 0o160000,
 )
+#: libgit2 reads ssh known_hosts only from ``<its home dir>/.ssh/known_hosts``, and
+#: that home dir is process-wide: ssh connections hold this lock while it may be swapped.
+_SSH_HOME_LOCK = threading.Lock()
+#: CA bundles already added to libgit2's (process-wide, additive) OpenSSL trust store.
+_LOADED_CA_BUNDLES: set[Path] = set()
 
 
 class GitFetchError(BstoreError):
@@ -41,11 +54,14 @@ class GitFetchError(BstoreError):
 
 @dataclass(frozen=True)
 class GitCredentials:
-    """Where credentials come from; never printed or logged.
+    """Where credentials come from, and which servers are trusted; never printed or logged.
 
     ``token_env`` names an environment variable holding an HTTPS token (used as the
     password, with ``username`` or ``x-access-token``); ``ssh_key`` is a private key
-    file; otherwise ssh-agent is asked for ssh URLs.
+    file (its passphrase in the variable ``ssh_passphrase_env``); otherwise ssh-agent
+    (``SSH_AUTH_SOCK``) is asked for ssh URLs. ``known_hosts`` replaces
+    ``~/.ssh/known_hosts`` for ssh host keys; ``ca_bundle`` (PEM) is trusted for https
+    in addition to the system CAs (process-wide, as libgit2's TLS store is).
     """
 
     username: str | None = None
@@ -53,6 +69,8 @@ class GitCredentials:
     ssh_public_key: Path | None = None
     ssh_passphrase_env: str | None = None
     token_env: str | None = None
+    known_hosts: Path | None = None
+    ca_bundle: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +115,47 @@ def validate_url(url: str) -> str:
     )
 
 
+def _is_ssh(url: str) -> bool:
+    return urlsplit(url).scheme in ("ssh", "git+ssh") if "://" in url else True
+
+
+@contextmanager
+def _trust(url: str, creds: GitCredentials) -> Iterator[None]:
+    """Make the configured CA bundle / known_hosts file the ones libgit2 checks."""
+    if creds.ca_bundle is not None and creds.ca_bundle not in _LOADED_CA_BUNDLES:
+        try:
+            pygit2.settings.set_ssl_cert_locations(str(creds.ca_bundle), None)
+        except pygit2.GitError as exc:
+            raise GitFetchError(
+                f"CA bundle {str(creds.ca_bundle)!r} cannot be loaded: {exc}",
+                hint="give a PEM file of CA certificates",
+            ) from exc
+        _LOADED_CA_BUNDLES.add(creds.ca_bundle)
+    if not _is_ssh(url):
+        yield
+        return
+    with _SSH_HOME_LOCK:
+        if creds.known_hosts is None:
+            yield
+            return
+        try:
+            hosts = creds.known_hosts.read_bytes()
+        except OSError as exc:
+            raise GitFetchError(
+                f"known_hosts file {str(creds.known_hosts)!r} cannot be read: {exc.strerror}",
+                hint="fix git.known_hosts",
+            ) from exc
+        previous = pygit2.option(pygit2.enums.Option.GET_HOMEDIR)
+        with tempfile.TemporaryDirectory(prefix="bstore-ssh-home-") as home:
+            (Path(home) / ".ssh").mkdir()
+            (Path(home) / ".ssh" / "known_hosts").write_bytes(hosts)
+            pygit2.option(pygit2.enums.Option.SET_HOMEDIR, home)
+            try:
+                yield
+            finally:
+                pygit2.option(pygit2.enums.Option.SET_HOMEDIR, previous)
+
+
 class _Callbacks(pygit2.RemoteCallbacks):
     """Credentials plus the time and size caps, enforced from the progress callback."""
 
@@ -107,30 +166,95 @@ class _Callbacks(pygit2.RemoteCallbacks):
         self._limits = limits
         self._started = time.monotonic()
         self._asked = 0
+        self._offered = "credentials"
 
     def credentials(
         self, url: str, username_from_url: str | None, allowed: pygit2.enums.CredentialType
     ) -> pygit2.Username | pygit2.UserPass | pygit2.Keypair:
-        # libgit2 keeps asking while authentication fails; stop after a few tries so
-        # a wrong key is an error, not a loop.
-        self._asked += 1
-        if self._asked > 3:
-            raise GitFetchError(f"authentication to {redact_url(self._url)} failed")
+        kinds = pygit2.enums.CredentialType
         creds = self._creds
         user = creds.username or username_from_url or "git"
-        if allowed & pygit2.enums.CredentialType.USERPASS_PLAINTEXT and creds.token_env:
+        if allowed == kinds.USERNAME:
+            return pygit2.Username(user)  # ssh asks for the user name before the key
+        # libgit2 asks again each time the server refuses what we gave; the same
+        # credentials will not succeed later, so a few refusals end the fetch.
+        self._asked += 1
+        if self._asked > 3:
+            raise GitFetchError(
+                f"authentication to {redact_url(self._url)} failed: the server refused"
+                f" {self._offered} ({self._asked - 1} attempts)",
+                hint="check the token, key or ssh-agent configured for git",
+            )
+        if allowed & kinds.USERPASS_PLAINTEXT and creds.token_env:
             token = os.environ.get(creds.token_env)
             if token:
+                self._offered = f"the token from ${creds.token_env}"
                 return pygit2.UserPass(creds.username or "x-access-token", token)
-        if allowed & pygit2.enums.CredentialType.SSH_KEY:
+            if not allowed & kinds.SSH_KEY:
+                raise GitFetchError(
+                    f"{redact_url(self._url)} asks for a token but the environment"
+                    f" variable {creds.token_env} is not set",
+                    hint=f"export {creds.token_env}=<token> for the bstore process",
+                )
+        if allowed & kinds.SSH_KEY:
             if creds.ssh_key:
                 passphrase = os.environ.get(creds.ssh_passphrase_env or "", "")
                 public = str(creds.ssh_public_key) if creds.ssh_public_key else None
+                self._offered = f"the ssh key {str(creds.ssh_key)!r}"
+                if creds.ssh_passphrase_env:
+                    # libssh2 reports a wrong passphrase as a refused key, so say both.
+                    self._offered += (f", or its passphrase from ${creds.ssh_passphrase_env}"
+                                      " is wrong")
                 return pygit2.Keypair(user, public, str(creds.ssh_key), passphrase)
+            self._offered = "every key ssh-agent offered"
             return pygit2.KeypairFromAgent(user)
+        parts = urlsplit(self._url)
+        if self._asked == 1 and (parts.password or parts.username):
+            raise GitFetchError(
+                f"{redact_url(self._url)} refused the credentials in the URL",
+                hint="put the token in an environment variable (git.token_env) instead",
+            )
         raise GitFetchError(
             f"{redact_url(self._url)} asks for credentials and none are configured",
             hint="configure an ssh key, ssh-agent, or a token environment variable",
+        )
+
+    def failure(self, action: str, exc: Exception) -> GitFetchError:
+        """``exc`` from libgit2 as an error naming the redacted URL (and what was refused)."""
+        where = redact_url(self._url)
+        message = str(exc).replace(self._url, where)
+        if self._asked and "authentication" in message.lower():
+            return GitFetchError(
+                f"authentication to {where} failed: the server refused {self._offered}"
+                f" ({message})",
+                hint="check the token, key or ssh-agent configured for git",
+            )
+        return GitFetchError(f"cannot {action} {where}: {message}",
+                             hint="check the URL, the network and the credentials")
+
+    def certificate_check(self, certificate: None, valid: bool, host: bytes) -> bool:
+        """Accept only what libgit2 verified: a trusted TLS chain, a known ssh host key.
+
+        pygit2 would otherwise accept any ssh host key; raising (rather than
+        returning False) gives the caller a message saying what to configure.
+        """
+        if valid:
+            return True
+        name = host.decode("utf-8", "replace")
+        where = redact_url(self._url)
+        if _is_ssh(self._url):
+            listed = (repr(str(self._creds.known_hosts)) if self._creds.known_hosts
+                      else "~/.ssh/known_hosts")
+            port = urlsplit(self._url).port if "://" in self._url else None
+            raise GitFetchError(
+                f"the ssh host key of {name}{f':{port}' if port else ''} ({where}) is not"
+                f" listed in {listed} (unknown host, or its key changed); refusing to connect",
+                hint="verify the server's host key and add it to the known_hosts file"
+                " (git.known_hosts)",
+            )
+        raise GitFetchError(
+            f"the TLS certificate of {name} ({where}) is not trusted; refusing to connect",
+            hint="add the CA that signed it as git.ca_bundle (PEM), or set SSL_CERT_FILE",
         )
 
     def transfer_progress(self, stats: pygit2.remotes.TransferProgress) -> None:
@@ -180,21 +304,19 @@ class GitFetcher:
         repo = self._cache_repo(url)
         remote = repo.remotes.create_anonymous(url)
         self.log(f"git: fetching {redact_url(url)}")
+        callbacks = _Callbacks(url, self.credentials, self.limits)
         try:
-            remote.fetch(
-                # Forced refspecs: a force-pushed branch replaces our copy, never merges.
-                ["+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"],
-                callbacks=_Callbacks(url, self.credentials, self.limits),
-                prune=pygit2.enums.FetchPrune.PRUNE,
-            )
+            with _trust(url, self.credentials):
+                remote.fetch(
+                    # Forced refspecs: a force-pushed branch replaces our copy, never merges.
+                    ["+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"],
+                    callbacks=callbacks,
+                    prune=pygit2.enums.FetchPrune.PRUNE,
+                )
         except GitFetchError:
             raise
         except (pygit2.GitError, KeyError, OSError, ValueError) as exc:
-            message = str(exc).replace(url, redact_url(url))
-            raise GitFetchError(
-                f"cannot fetch {redact_url(url)}: {message}",
-                hint="check the URL, the network and the credentials",
-            ) from exc
+            raise callbacks.failure("fetch", exc) from exc
         return repo
 
     def resolve(self, url: str, ref: str | None) -> str:
@@ -229,10 +351,14 @@ class GitFetcher:
 
     def _default_branch_commit(self, repo: pygit2.Repository, url: str) -> str:
         remote = repo.remotes.create_anonymous(url)
+        callbacks = _Callbacks(url, self.credentials, self.limits)
         try:
-            heads = remote.list_heads(callbacks=_Callbacks(url, self.credentials, self.limits))
+            with _trust(url, self.credentials):
+                heads = remote.list_heads(callbacks=callbacks)
+        except GitFetchError:
+            raise
         except (pygit2.GitError, OSError) as exc:
-            raise GitFetchError(f"cannot list refs of {redact_url(url)}: {exc}") from exc
+            raise callbacks.failure("list refs of", exc) from exc
         for head in heads:
             if head.name == "HEAD" and head.symref_target:
                 branch = head.symref_target.removeprefix("refs/heads/")

@@ -132,6 +132,8 @@ class GitSettings:
     ssh_public_key: Path | None = None
     ssh_passphrase_env: str | None = None
     token_env: str | None = None
+    known_hosts: Path | None = None
+    ca_bundle: Path | None = None
     fetch_timeout: float = 600.0
     fetch_max_bytes: int = 2 << 30
 
@@ -147,6 +149,7 @@ class GitSettings:
         return GitCredentials(
             username=self.username, ssh_key=self.ssh_key, ssh_public_key=self.ssh_public_key,
             ssh_passphrase_env=self.ssh_passphrase_env, token_env=self.token_env,
+            known_hosts=self.known_hosts, ca_bundle=self.ca_bundle,
         )
 
     def limits(self) -> GitLimits:
@@ -484,6 +487,8 @@ _KEYS: dict[str, Callable[[object, _Origin], Any]] = {
     "git.ssh_public_key": _p_file,
     "git.ssh_passphrase_env": _checked(_p_opt_str, check_env_name),
     "git.token_env": _checked(_p_opt_str, check_env_name),
+    "git.known_hosts": _p_file,
+    "git.ca_bundle": _p_file,
     "git.fetch_timeout": _p_duration,
     "git.fetch_max_bytes": _checked(_p_int, check_positive),
 }
