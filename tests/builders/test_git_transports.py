@@ -29,7 +29,7 @@ from gitservers import (
 )
 
 from bstore.builders.fetch_git import GitCredentials, GitFetcher, GitFetchError, redact_url
-from bstore.gitops.config import load_config
+from bstore.gitops.config import ConfigError, load_config
 from bstore.gitops.repo_sync import RepoSync, RepoUnreachableError
 
 TOKEN = "tok-7f3a9c1e5b2d4f60"
@@ -345,6 +345,15 @@ def test_ssh_key_file_from_config(ssh: SshSetup, repos: Repos, tmp_path: Path) -
 
 
 @needs_ssh
+def test_ssh_url_without_user_takes_the_configured_username(
+    ssh: SshSetup, repos: Repos, tmp_path: Path,
+) -> None:
+    url = f"ssh://127.0.0.1:{ssh.server.port}{repos.bare}"
+    fetcher = GitFetcher(tmp_path / "cache", key_creds(ssh, ssh.key, username=ssh.server.user))
+    assert fetcher.resolve(url, "dev") == repos.dev
+
+
+@needs_ssh
 def test_ssh_key_with_passphrase_from_env(
     ssh: SshSetup, repos: Repos, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -431,8 +440,10 @@ def test_ssh_unknown_host_key_is_refused(
     }[case])
     creds = GitCredentials(ssh_key=ssh.key,
                            known_hosts=None if case == "not configured" else known)
+    log_start = len(ssh.server.log.read_text())
     with pytest.raises(GitFetchError) as info:
         GitFetcher(tmp_path / "cache", creds).resolve(ssh.url, "main")
+    assert "publickey" not in ssh.server.log.read_text()[log_start:]  # no key was offered
     listed = "~/.ssh/known_hosts" if case == "not configured" else repr(str(known))
     assert info.value.message == (
         f"the ssh host key of 127.0.0.1:{ssh.server.port} ({redact_url(ssh.url)}) is not"
@@ -442,6 +453,22 @@ def test_ssh_unknown_host_key_is_refused(
 
 
 # --- repo sync with credentials from the configuration -----------------------------------
+
+
+@pytest.mark.parametrize("key", ["known_hosts", "ca_bundle"])
+def test_config_trust_files_must_exist(tmp_path: Path, key: str) -> None:
+    config_file = tmp_path / "bstore.toml"
+    config_file.write_text(f'repo_url = "https://example.invalid/x.git"\n\n[git]\n'
+                           f'{key} = "missing.pem"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, env={})
+    assert info.value.message == (
+        f"config key 'git.{key}' in {config_file}: file"
+        f" {str(tmp_path / 'missing.pem')!r} does not exist"
+    )
+    (tmp_path / "missing.pem").write_text("x\n")
+    git = load_config(config_file, env={}).git.credentials()
+    assert getattr(git, key) == tmp_path / "missing.pem"
 
 
 @pytest.mark.parametrize("transport", [
