@@ -389,6 +389,8 @@ def import_stream(store: LocalStore, raw: BinaryIO, *, source: str = "<stdin>",
                 references=meta.references,
                 deriver=meta.deriver,
                 expected_mcid=meta.mcid, signatures=meta.signatures,
+                # read_tree hashed every file as it wrote it under tmp/.
+                manifest=item.manifest,
             )
             if sp != meta.path:  # pragma: no cover - PathMeta and the store agree by design
                 raise ArchiveError(f"{source}: {meta.full_path} registered as {sp}")

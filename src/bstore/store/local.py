@@ -36,6 +36,7 @@ from bstore.store.locks import (
 )
 from bstore.store.manifest import InvalidTreeError, Manifest, Mcid, scan_tree
 from bstore.store.paths import InvalidStorePath, PathKind, StorePath, make_store_path
+from bstore.store.shape import check_tree_shape
 
 __all__ = [
     "DEFAULT_LOCK_TIMEOUT",
@@ -241,7 +242,8 @@ class LocalStore:
     def register_tree(self, staged: Path, name: str, *, kind: PathKind,
                       hash_hex: str | None = None, references: Iterable[StorePath] = (),
                       deriver: str | None = None, expected_mcid: Mcid | None = None,
-                      signatures: Iterable[str] = ()) -> StorePath:
+                      signatures: Iterable[str] = (),
+                      manifest: Manifest | None = None) -> StorePath:
         """Make the tree ``staged`` (written under ``tmp/``, e.g. in a :meth:`staging_dir`)
         a valid store path and return it.
 
@@ -252,6 +254,12 @@ class LocalStore:
         in one transaction (references must be valid, else nothing is registered). If the
         path is valid already, ``staged`` is removed and the existing path returned.
         ``staged`` is consumed either way.
+
+        ``manifest``: the caller vouches for contents it wrote itself under ``tmp/``,
+        hashing every file as it wrote it (the binary cache, the mesh, the archive
+        importer): the tree is then walked with ``lstat`` only (names, types, sizes,
+        executable bits, no missing or extra entries, link targets, hardlinks, escaping
+        links; see :mod:`bstore.store.shape`) and file contents are not read again.
         """
         staged = Path(os.path.abspath(staged))
         tmp = str(self.layout.tmp_dir) + os.sep
@@ -262,7 +270,11 @@ class LocalStore:
         try:
             # Links may lead into the paths this one references (a generation's lib/
             # links into app outputs); GC keeps those alive as long as this path.
-            manifest = scan_tree(staged, allowed_link_roots={str(r) for r in references})
+            link_roots = {str(r) for r in references}
+            if manifest is None:
+                manifest = scan_tree(staged, allowed_link_roots=link_roots)
+            else:
+                check_tree_shape(staged, manifest, allowed_link_roots=link_roots)
             if expected_mcid is not None and manifest.mcid != expected_mcid:
                 raise InvalidTreeError(
                     f"staged tree for {name!r} has content id {manifest.mcid},"

@@ -117,8 +117,9 @@ def fetch_mcid(store: LocalStore, mcid: str, peers: Sequence[str], *, name: str 
                 tree = stage / "tree"
                 stats = stage_tree(peer, meta, manifest, tree, local,
                                    peer.policy.parallel)
+                # stage_tree verified every file's blake3 as it wrote it under tmp/.
                 got = store.register_tree(tree, name, kind=PathKind.SOURCE,
-                                          expected_mcid=mcid)
+                                          expected_mcid=mcid, manifest=manifest)
             store.add_temp_root(got)
         except BstoreError as exc:
             scores.bad(url)

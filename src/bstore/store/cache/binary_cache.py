@@ -164,7 +164,7 @@ class BinaryCache:
             sp = store.register_tree(
                 tree, meta.path.name, kind=meta.kind, hash_hex=meta.hash_hex,
                 references=meta.references, deriver=meta.deriver, expected_mcid=meta.mcid,
-                signatures=meta.signatures)
+                signatures=meta.signatures, manifest=manifest)
         if sp != meta.path:  # pragma: no cover - CacheMeta checks the path's hash
             raise CacheError(f"{meta.full_path} registered as {sp}")
         store.add_temp_root(sp)
