@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 from pathlib import Path
 from typing import BinaryIO
@@ -13,13 +12,13 @@ import click
 from bstore.cli.context import AppContext, pass_app
 from bstore.cli.store import parse_size, store
 from bstore.errors import BstoreError
-from bstore.store.archive import DEFAULT_MAX_BYTES, export_paths, import_stream
+from bstore.store.archive_meta import DEFAULT_MAX_BYTES
 from bstore.store.local import LocalStore
 from bstore.store.paths import StorePath
-from bstore.store.verify import DAMAGE, ProblemKind, repair_from_stream, verify_store
 
-#: What --repair can act on: damaged trees, rows deleted behind the store's back.
-_REPAIRABLE = DAMAGE | {ProblemKind.UNREGISTERED, ProblemKind.DANGLING_REFERENCE}
+# The archive and verify modules are imported inside the commands that use them: every
+# ``bstore store ...`` command loads this module, and most need neither.
+
 _MAX_SIZE_HELP = (f"Refuse streams that expand beyond SIZE (default"
                   f" {DEFAULT_MAX_BYTES >> 30}G), e.g. 500M.")
 
@@ -34,6 +33,8 @@ _MAX_SIZE_HELP = (f"Refuse streams that expand beyond SIZE (default"
 def export_cmd(app: AppContext, paths: tuple[str, ...], closure: bool,
                output: Path | None) -> None:
     """Write PATHS as one deterministic zstd export stream."""
+    from bstore.store.archive import export_paths
+
     with LocalStore.open(app.root, create=False) as st:
         wanted = [st.parse_path(p) for p in paths]
         if output is None:
@@ -50,7 +51,9 @@ def export_cmd(app: AppContext, paths: tuple[str, ...], closure: bool,
 
 def _export_to_file(st: LocalStore, wanted: list[StorePath], output: Path,
                     closure: bool) -> list[StorePath]:
-    tmp = output.with_name(f".{output.name}.tmp-{secrets.token_hex(4)}")
+    from bstore.store.archive import export_paths
+
+    tmp = output.with_name(f".{output.name}.tmp-{os.urandom(4).hex()}")
     try:
         with open(tmp, "wb") as handle:
             order = export_paths(st, wanted, handle, closure=closure)
@@ -83,6 +86,8 @@ def import_cmd(app: AppContext, file: Path | None, max_size: str | None) -> None
     Every file hash, MCID and store path is verified, for the whole stream, before any
     path becomes valid.
     """
+    from bstore.store.archive import import_stream
+
     limit = DEFAULT_MAX_BYTES if max_size is None else parse_size(max_size)
     raw, source = _open_input(file)
     try:
@@ -116,6 +121,10 @@ def verify_cmd(ctx: click.Context, app: AppContext, paths: tuple[str, ...],
     Exit code 1 when anything is wrong; store directories without a database row
     (crash leftovers) are only warnings.
     """
+    from bstore.store.verify import DAMAGE, ProblemKind, repair_from_stream, verify_store
+
+    # What --repair can act on: damaged trees, rows deleted behind the store's back.
+    repairable = DAMAGE | {ProblemKind.UNREGISTERED, ProblemKind.DANGLING_REFERENCE}
     if repair and source is None:
         raise BstoreError("--repair needs a source of good copies",
                           hint="give an export stream with --from FILE")
@@ -125,7 +134,7 @@ def verify_cmd(ctx: click.Context, app: AppContext, paths: tuple[str, ...],
         wanted = [st.parse_path(p) for p in paths] or None
         report = verify_store(st, wanted, check_contents=check_contents or repair)
         if repair and source is not None and any(
-                p.kind in _REPAIRABLE for p in report.problems):
+                p.kind in repairable for p in report.problems):
             limit = DEFAULT_MAX_BYTES if max_size is None else parse_size(max_size)
             raw, name = _open_input(source)
             try:

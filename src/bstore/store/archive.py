@@ -34,6 +34,7 @@ from bstore.store.archive_format import (
     StreamReader,
     StreamWriter,
 )
+from bstore.store.archive_meta import DEFAULT_MAX_BYTES as DEFAULT_MAX_BYTES
 from bstore.store.archive_meta import PathMeta
 from bstore.store.db import PathNotValidError
 from bstore.store.local import LocalStore
@@ -46,8 +47,6 @@ COMPRESSION_LEVEL = 3
 #: Largest zstd window we decode (8 MiB, what zstd's own levels up to 19 use at most).
 #: Our writer stays far below it; a frame asking for more is refused before allocating.
 MAX_WINDOW_SIZE = 1 << 23
-#: Default cap on the uncompressed size of a stream we import.
-DEFAULT_MAX_BYTES = 64 << 30
 _READ_CHUNK = 1 << 20
 
 

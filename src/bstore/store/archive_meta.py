@@ -41,6 +41,9 @@ _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 _SIG_RE = re.compile(r"[\x21-\x7e]{1,1024}")
 #: A block bigger than this is hostile: even thousands of references fit easily.
 MAX_META_BYTES = 1 << 20
+#: Default cap on the uncompressed size of a stream we import (here, not in archive.py,
+#: so the CLI can show it without importing the archive machinery at start-up).
+DEFAULT_MAX_BYTES = 64 << 30
 #: The keys before any a wrapper adds (the binary cache's), which go between these and Sig.
 _KEYS = ("StorePath", "Kind", "Hash", "MCID", "NarSize", "References", "Deriver")
 _REQUIRED = _KEYS[:6]

@@ -10,7 +10,6 @@ copy is created directly with its canonical mode.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -47,10 +46,12 @@ _libc: ctypes.CDLL | None = None
 def _load_libc() -> ctypes.CDLL | None:
     global _libc
     if _libc is None:
-        name = ctypes.util.find_library("c")
-        if name is None:
+        # The symbols already loaded into this process (libc among them): no
+        # find_library, which runs ldconfig in a subprocess (and imports subprocess).
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:  # pragma: no cover - every Linux Python is linked to a libc
             return None
-        _libc = ctypes.CDLL(name, use_errno=True)
     return _libc
 
 

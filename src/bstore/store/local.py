@@ -15,7 +15,6 @@ by GC. Paths a process relies on are recorded as its temporary GC roots first.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -150,7 +149,7 @@ class LocalStore:
         """
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)[:40]
         self.temp_roots.ensure()
-        path = self.layout.tmp_dir / f"{self.temp_roots.token}-{safe}-{secrets.token_hex(4)}"
+        path = self.layout.tmp_dir / f"{self.temp_roots.token}-{safe}-{os.urandom(4).hex()}"
         try:
             path.mkdir(mode=0o700)
         except OSError as exc:
@@ -443,7 +442,7 @@ class LocalStore:
         if "/" in name or name.startswith(".") or not name:
             raise StoreError(f"GC root name {name!r} is not a plain file name")
         link = self.layout.gcroots_dir / name
-        tmp = link.with_name(f".{name}.tmp-{secrets.token_hex(4)}")
+        tmp = link.with_name(f".{name}.tmp-{os.urandom(4).hex()}")
         os.symlink(self.real_path(sp), tmp)
         os.rename(tmp, link)
         atomic.fsync_path(self.layout.gcroots_dir)

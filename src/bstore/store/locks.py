@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import secrets
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -125,7 +124,7 @@ class TempRoots:
         self._timeout = timeout
         self._fd: int | None = None
         self._roots: set[str] = set()
-        self.token = f"{os.getpid()}-{secrets.token_hex(6)}"
+        self.token = f"{os.getpid()}-{os.urandom(6).hex()}"
 
     @property
     def file(self) -> Path:

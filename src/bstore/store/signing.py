@@ -25,15 +25,10 @@ import base64
 import binascii
 import os
 import re
-import secrets
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from bstore.errors import BstoreError
 from bstore.store.paths import StorePath
@@ -120,6 +115,11 @@ class PublicKey:
         name, _, sig_b64 = signature.partition(":")
         if name != self.name:
             return False
+        # cryptography is imported where used: most commands never check a signature
+        # and the import costs a command's start-up ~10 ms.
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         try:
             sig = base64.b64decode(sig_b64, validate=True)
             Ed25519PublicKey.from_public_bytes(self.raw).verify(sig, data)
@@ -146,12 +146,17 @@ class SecretKey:
     @property
     def public_key(self) -> PublicKey:
         """The matching public key."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
         raw = Ed25519PrivateKey.from_private_bytes(self.seed).public_key().public_bytes(
             Encoding.Raw, PublicFormat.Raw)
         return PublicKey(self.name, raw)
 
     def sign(self, data: bytes) -> str:
         """The signature of ``data`` as ``name:base64``."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         sig = Ed25519PrivateKey.from_private_bytes(self.seed).sign(data)
         return f"{self.name}:{_b64(sig)}"
 
@@ -173,6 +178,8 @@ class SecretKey:
 
 def generate_key(name: str) -> SecretKey:
     """A fresh random key called ``name``."""
+    import secrets  # here: the module is slow to import and only key generation needs it
+
     return SecretKey(name, secrets.token_bytes(32))
 
 
@@ -188,7 +195,7 @@ def write_key_pair(key: SecretKey, directory: Path) -> tuple[Path, Path]:
                             hint="choose another name or --dir; keys are never overwritten")
         for path, text, mode in ((secret_path, key.to_text(), 0o600),
                                  (public_path, key.public_key.to_text(), 0o644)):
-            tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+            tmp = path.with_name(f".{path.name}.tmp-{os.urandom(4).hex()}")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
             try:
                 os.write(fd, (text + "\n").encode())

@@ -30,8 +30,7 @@ from typing import BinaryIO, Protocol
 import blake3
 
 from bstore.errors import BstoreError
-from bstore.store.archive import DEFAULT_MAX_BYTES, stage_stream
-from bstore.store.archive_meta import PathMeta
+from bstore.store.archive_meta import DEFAULT_MAX_BYTES, PathMeta
 from bstore.store.local import LocalStore
 from bstore.store.manifest import (
     MANIFEST_HEADER,
@@ -364,6 +363,9 @@ def repair_from_stream(store: LocalStore, report: VerifyReport, raw: BinaryIO, *
 
     def select(meta: PathMeta) -> bool:
         return meta.path in damaged or meta.path in unregistered
+
+    # Imported here: only --repair reads a stream; plain verify skips the import.
+    from bstore.store.archive import stage_stream
 
     done: list[Problem] = []
     fixed: set[StorePath] = set()
