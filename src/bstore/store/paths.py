@@ -22,6 +22,9 @@ from bstore.errors import BstoreError
 #: (chosen by Nix to avoid accidental words; we keep it so paths look familiar).
 NIX_BASE32_ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
 _BASE32_INDEX = {c: i for i, c in enumerate(NIX_BASE32_ALPHABET)}
+#: One regex match instead of a per-character loop: every path read back from the
+#: database (GC, closures, listings) is parsed through this.
+_DIGEST_RE = re.compile(f"[{NIX_BASE32_ALPHABET}]{{32}}")
 
 #: 160 bits → 32 base32 characters.
 DIGEST_BYTES = 20
@@ -107,7 +110,7 @@ def validate_name(name: str) -> str:
 
 def validate_digest(digest: str) -> Digest:
     """Return ``digest`` as a :data:`Digest` if it is 32 Nix-base32 characters."""
-    if len(digest) != DIGEST_CHARS or any(c not in _BASE32_INDEX for c in digest):
+    if len(digest) != DIGEST_CHARS or not _DIGEST_RE.fullmatch(digest):
         raise InvalidStorePath(f"{digest!r} is not a 32-character Nix base32 digest")
     return Digest(digest)
 
