@@ -13,6 +13,7 @@ import ctypes
 import errno
 import os
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +37,8 @@ _TIMES = (CANONICAL_MTIME_NS, CANONICAL_MTIME_NS)
 _CHUNK = 1 << 20
 #: blake3 multithreading pays off only for big files (thread start-up dominates below).
 _THREADED_HASH_MIN = 1 << 27
+#: Threads copying a tree's files (see _copy_files).
+_COPY_THREADS = 4
 
 Progress = Callable[[int, int], None]
 """Progress callback: ``(files_done, bytes_done)``."""
@@ -264,7 +267,8 @@ def copy_tree(src: Path, dst: Path, progress: Progress | None = None) -> Manifes
     entries: list[ManifestEntry] = []
     links: dict[tuple[int, int], list[int]] = {}
     dirs: list[bytes] = []
-    files = 0
+    # Regular files are copied after the walk, on several threads (see _copy_files).
+    files: list[tuple[bytes, bytes, bytes, os.stat_result]] = []
     total = 0
     # (relative path, absolute source, absolute destination, lstat)
     todo: list[tuple[bytes, bytes, bytes, os.stat_result]] = [(b"", src_b, dst_b, st)]
@@ -275,14 +279,7 @@ def copy_tree(src: Path, dst: Path, progress: Progress | None = None) -> Manifes
             if stat.S_ISREG(mode):
                 if est.st_nlink > 1:
                     links.setdefault((est.st_dev, est.st_ino), [est.st_nlink, 0])[1] += 1
-                executable = bool(mode & stat.S_IXUSR)
-                size, digest = _copy_file(s_abs, d_abs, est, rel, shown_root, executable)
-                entries.append(ManifestEntry(
-                    rel, EntryType.EXECUTABLE if executable else EntryType.FILE, size, digest))
-                files += 1
-                total += size
-                if progress is not None and files % 256 == 0:
-                    progress(files, total)
+                files.append((rel, s_abs, d_abs, est))
             elif stat.S_ISDIR(mode):
                 os.mkdir(d_abs, 0o755)
                 if _UMASK & 0o700:
@@ -317,6 +314,7 @@ def copy_tree(src: Path, dst: Path, progress: Progress | None = None) -> Manifes
                 )
         except OSError as exc:
             raise tree_os_error(exc, shown_root, rel) from exc
+    total += _copy_files(files, shown_root, entries, progress)
     for nlink, seen in links.values():
         if seen < nlink:
             raise InvalidTreeError(
@@ -329,9 +327,67 @@ def copy_tree(src: Path, dst: Path, progress: Progress | None = None) -> Manifes
         os.chmod(d, 0o555)
         os.utime(d, ns=_TIMES)
     if progress is not None:
-        progress(files, total)
+        progress(len(files), total)
     entries.sort(key=lambda e: e.path)
     return Manifest(tuple(entries))
+
+
+def _copy_files(files: list[tuple[bytes, bytes, bytes, os.stat_result]], shown_root: str,
+                entries: list[ManifestEntry], progress: Progress | None) -> int:
+    """Copy ``files`` (relative, source, destination, lstat) with :func:`_copy_file`,
+    append their manifest entries to ``entries`` and return their total size.
+
+    Creating a file is the expensive part on a journaling filesystem (each create waits
+    on the directory and inode allocation, ~0.1-0.7 ms on a VM's ext4, far more than
+    copying a small file's bytes), and it runs with the GIL released: a few threads
+    overlap it (the OTP tree's 3,600 files copy ~2x faster with 4 threads than with 1).
+    Each thread takes an interleaved share; the first error stops all and is raised.
+    """
+    workers = max(1, min(_COPY_THREADS, len(files) // 32))
+    shares: list[list[ManifestEntry]] = [[] for _ in range(workers)]
+    done = [0] * workers
+    copied = [0] * workers
+    errors: list[BaseException] = []
+    failed = threading.Event()
+
+    def work(i: int) -> None:
+        out = shares[i]
+        for rel, s_abs, d_abs, est in files[i::workers]:
+            if failed.is_set():
+                return
+            try:
+                executable = bool(est.st_mode & stat.S_IXUSR)
+                size, digest = _copy_file(s_abs, d_abs, est, rel, shown_root, executable)
+            except OSError as exc:
+                wrapped = tree_os_error(exc, shown_root, rel)
+                wrapped.__cause__ = exc
+                errors.append(wrapped)
+                failed.set()
+                return
+            except BaseException as exc:  # raised again by the calling thread below
+                errors.append(exc)
+                failed.set()
+                return
+            out.append(ManifestEntry(
+                rel, EntryType.EXECUTABLE if executable else EntryType.FILE, size, digest))
+            done[i] += 1
+            copied[i] += size
+            # Reported from the calling thread only: callbacks print.
+            if i == 0 and progress is not None and done[0] % 64 == 0:
+                progress(sum(done), sum(copied))
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True)
+               for i in range(1, workers)]
+    for t in threads:
+        t.start()
+    work(0)
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    for share in shares:
+        entries.extend(share)
+    return sum(copied)
 
 
 def canonicalise_tree(top: Path) -> None:
