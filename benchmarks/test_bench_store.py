@@ -36,7 +36,7 @@ from bstore.store.atomic import remove_tree
 from bstore.store.gc import collect_garbage
 from bstore.store.local import LocalStore
 from bstore.store.manifest import compute_mcid
-from peers import copy_otp, needs_otp, nix_env, print_ratio
+from peers import cli_env, copy_otp, needs_otp, nix_env, print_ratio
 
 BSTORE = str(Path(sys.executable).with_name("bstore"))
 GC_PATHS = 5000
@@ -134,7 +134,8 @@ def test_store_add_otp_vs_nix_store_add(benchmark: Any, otp_copy: Path,
         cli_root = tmp_path / f"cli-{len(peer.times)}"
         start = time.perf_counter()
         subprocess.run([BSTORE, "--root", str(cli_root), "store", "add", str(otp_copy)],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env=cli_env())
         cli_times.append(time.perf_counter() - start)
         roots.extend([cli_root, tmp_path / f"api-{len(peer.times)}"])
 
@@ -201,7 +202,7 @@ def test_store_gc_5000_vs_nix_store_gc(benchmark: Any, small_sources: list[Path]
         cli_root = bstore_store(f"cli-{len(peer.times)}")
         start = time.perf_counter()
         subprocess.run([BSTORE, "--root", str(cli_root), "store", "gc"], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
         cli_times.append(time.perf_counter() - start)
         assert os.listdir(cli_root / "store") == []
         bstore_store(f"api-{len(peer.times)}")
