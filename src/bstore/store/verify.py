@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -261,10 +262,11 @@ def disk_mcid(root: os.PathLike[str] | str) -> str | None:
     """
     root_b = os.fsencode(root)
     lines: list[tuple[bytes, bytes]] = []
+    files: list[tuple[bytes, bytes, os.stat_result]] = []
     try:
         st = os.lstat(root_b)
         if not stat.S_ISDIR(st.st_mode):
-            lines.append((b"", _line(root_b, b"", st)))
+            files.append((root_b, b"", st))
         else:
             lines.append((b"", b"d 0 - 0:\n"))
             stack = [b""]
@@ -279,8 +281,9 @@ def disk_mcid(root: os.PathLike[str] | str) -> str | None:
                             lines.append((rel, b"d 0 - %d:%s\n" % (len(rel), rel)))
                             stack.append(rel)
                         else:
-                            lines.append((rel, _line(entry.path, rel,
-                                                     entry.stat(follow_symlinks=False))))
+                            files.append((entry.path, rel, entry.stat(follow_symlinks=False)))
+        if not _hash_lines(files, lines):
+            return None
     except (OSError, _NotInManifest):
         return None
     lines.sort()
@@ -292,6 +295,44 @@ def disk_mcid(root: os.PathLike[str] | str) -> str | None:
 
 class _NotInManifest(Exception):
     pass
+
+
+#: Threads hashing a tree's files in :func:`disk_mcid`: reading and hashing release the
+#: GIL, and two threads hash the OTP tree ~20% faster than one (more gain nothing on a
+#: two-core machine).
+_HASH_THREADS = 2
+
+
+def _hash_lines(files: list[tuple[bytes, bytes, os.stat_result]],
+                lines: list[tuple[bytes, bytes]]) -> bool:
+    """Append the manifest lines of ``files`` (absolute, relative, lstat) to ``lines``;
+    False if one cannot be read or is not a file or symlink."""
+    workers = max(1, min(_HASH_THREADS, os.cpu_count() or 1, len(files) // 64))
+    shares: list[list[tuple[bytes, bytes]]] = [[] for _ in range(workers)]
+    failed = threading.Event()
+
+    def work(i: int) -> None:
+        out = shares[i]
+        try:
+            for abs_path, rel, st in files[i::workers]:
+                if failed.is_set():
+                    return
+                out.append((rel, _line(abs_path, rel, st)))
+        except (OSError, _NotInManifest):
+            failed.set()
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True)
+               for i in range(1, workers)]
+    for t in threads:
+        t.start()
+    work(0)
+    for t in threads:
+        t.join()
+    if failed.is_set():
+        return False
+    for share in shares:
+        lines.extend(share)
+    return True
 
 
 def _line(abs_path: bytes, rel: bytes, st: os.stat_result) -> bytes:
