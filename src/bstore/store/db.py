@@ -21,9 +21,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
+
 from bstore.store.layout import StoreError
 from bstore.store.locks import StoreLockedError
-from bstore.store.manifest import Manifest, Mcid, validate_mcid
+from bstore.store.manifest import MCID_PREFIX, Manifest, Mcid, validate_mcid
 from bstore.store.paths import PathKind, StorePath
 
 SCHEMA_VERSION = "1"
@@ -365,11 +367,12 @@ class Database:
                 " are not valid",
                 hint="register (or import) the references first",
             )
+        data = manifest.to_bytes()  # once: the MCID is the hash of these same bytes
         cur = conn.execute(
             "INSERT INTO paths (path, kind, hash_hex, mcid, nar_size, deriver,"
             " registration_time, manifest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (str(sp), kind.value, hash_hex, manifest.mcid, manifest.nar_size, deriver,
-             int(time.time()), manifest.to_bytes()))
+            (str(sp), kind.value, hash_hex, MCID_PREFIX + blake3.blake3(data).hexdigest(),
+             manifest.nar_size, deriver, int(time.time()), data))
         pid = cur.lastrowid
         conn.executemany(
             "INSERT OR IGNORE INTO refs (referrer, reference)"

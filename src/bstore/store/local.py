@@ -274,14 +274,15 @@ class LocalStore:
                 manifest = scan_tree(staged, allowed_link_roots=link_roots)
             else:
                 check_tree_shape(staged, manifest, allowed_link_roots=link_roots)
-            if expected_mcid is not None and manifest.mcid != expected_mcid:
+            mcid = manifest.mcid  # computed once: it hashes the whole manifest
+            if expected_mcid is not None and mcid != expected_mcid:
                 raise InvalidTreeError(
-                    f"staged tree for {name!r} has content id {manifest.mcid},"
+                    f"staged tree for {name!r} has content id {mcid},"
                     f" expected {expected_mcid}",
                     hint="the source delivered different content than it declared",
                 )
             if kind is PathKind.SOURCE:
-                mcid_hex = manifest.mcid.rpartition("-")[2]
+                mcid_hex = mcid.rpartition("-")[2]
                 if hash_hex not in (None, mcid_hex):
                     raise StoreError(f"SOURCE path {name!r}: hash {hash_hex!r} is not the"
                                      f" content's {mcid_hex!r}")

@@ -254,6 +254,12 @@ def _copy_verified(src: bytes, entry: ManifestEntry, dest: bytes) -> bool:
         return False
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _write_file(dest: bytes, data: bytes, executable: bool) -> None:
     write_new_file(dest, data, 0o755 if executable else 0o644)
 
@@ -311,8 +317,13 @@ def stage_tree(backend: CacheBackend, meta: CacheMeta, manifest: Manifest, dest:
         else:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o755 if entry.type is EntryType.EXECUTABLE else 0o644)
-            with os.fdopen(fd, "wb") as out:
-                decode(chunks, entry.size, entry.blake3_hex, backend.where(key), out.write)
+            try:
+                # Straight to the fd: decoded chunks are large or whole small files, so a
+                # BufferedWriter per file would only add its own set-up and copy.
+                decode(chunks, entry.size, entry.blake3_hex, backend.where(key),
+                       lambda data: _write_all(fd, data))
+            finally:
+                os.close(fd)
         with lock:
             done[0] += 1
             if progress is not None:
