@@ -217,6 +217,14 @@ class BinaryCache:
             try:
                 if etype is EntryType.SYMLINK:
                     data = os.readlink(path)
+                elif size < 1 << 20:
+                    # os-level: a BufferedReader per small file costs more than its read
+                    # (one read(2) returns a small regular file whole).
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    try:
+                        data = os.read(fd, size + 1)
+                    finally:
+                        os.close(fd)
                 else:
                     with open(path, "rb") as fh:
                         data = fh.read(size + 1)
