@@ -392,7 +392,7 @@ class LocalStore:
 
     def full_path(self, sp: StorePath) -> str:
         """``sp`` as a full path string, as printed to users."""
-        return str(self.store_dir / str(sp))
+        return f"{self.store_dir}/{sp}"  # not a Path join: called per path of a listing
 
     def parse_path(self, text: str) -> StorePath:
         """A store path from a full path inside this store (``<store>/<base>[/sub]``), a
