@@ -7,8 +7,9 @@ bounded decoder of :mod:`bstore.activators.etf` because the node is untrusted in
 
 The agent decodes requests with ``binary_to_term(B, [safe])``, which refuses atoms the
 node has never seen. The typed methods therefore send the atom names they carry through
-the agent's ``intern`` operation first; :meth:`AgentClient.call` sends exactly what it is
-given (a request naming an unknown atom comes back as a ``bad_frame`` error).
+the agent's ``intern`` operation when the node could not decode the request (then send it
+again); :meth:`AgentClient.call` sends exactly what it is given (a request naming an
+unknown atom comes back as a ``bad_frame`` error).
 
 Errors::
 
@@ -302,6 +303,18 @@ class AgentClient:
         _atoms_in(list(args), names)
         self.connect()
         ordered = sorted(names - self._interned)
+        if ordered:
+            # Usually the node has them all already (the app was loaded before): try
+            # first, intern only when the node could not decode the request.
+            try:
+                result = self.call(op, *args, timeout=timeout)
+            except AgentOpError as exc:
+                if not _is_bad_frame(exc.reason):
+                    raise
+            else:
+                if self._sock is not None:
+                    self._interned.update(names)
+                return result
         for start in range(0, len(ordered), MAX_INTERN):
             batch: list[AnyTerm] = [n.encode("utf-8") for n in ordered[start : start + MAX_INTERN]]
             self.call("intern", batch)
@@ -389,6 +402,48 @@ class AgentClient:
     def app_unload(self, app: str) -> None:
         """``application:unload(App)``."""
         self._call_interned("app_unload", Atom(app))
+
+    def restart_app(
+        self,
+        app: str,
+        old_ebin: Path | str | None,
+        ebins: Iterable[Path | str],
+        modules: Mapping[str, Path | str],
+        env: Mapping[str, AnyTerm],
+        *,
+        timeout: float | None = None,
+    ) -> list[str]:
+        """Stop and start ``app`` in one request: ``app_stop`` + ``app_unload`` (an app
+        already stopped/unloaded is fine), ``del_path`` of ``old_ebin``, ``add_patha`` of
+        ``ebins`` (the first ends up first), ``load_module`` of ``modules`` (name ->
+        ``.beam``), ``app_load``, ``set_env`` of ``env``, ``app_ensure_all_started``.
+        Returns the applications started. The first failing step raises what that
+        operation alone would have (its op name and reason; lingering processes as
+        :class:`LingeringProcessesError`); the steps before it stay done."""
+        old: AnyTerm = Atom("undefined") if old_ebin is None else _path_term(old_ebin)
+        dirs: list[AnyTerm] = [_path_term(d) for d in ebins]
+        mods: list[AnyTerm] = [(Atom(m), _path_term(p)) for m, p in modules.items()]
+        pairs: list[AnyTerm] = [(Atom(k), v) for k, v in env.items()]
+        try:
+            result = self._call_interned("restart_app", Atom(app), old, dirs, mods, pairs,
+                                         timeout=timeout)
+        except AgentOpError as exc:
+            step = exc.reason
+            if (isinstance(step, tuple) and len(step) == 3 and step[0] == Atom("step")
+                    and isinstance(step[1], Atom)):
+                raise self._op_error(step[1].name, step[2]) from exc
+            raise
+        return [_text(a) for a in result] if isinstance(result, list) else []
+
+    def app_running(self, app: str) -> str | None:
+        """The version of ``app`` when it runs in the node, None when it does not
+        (``which_applications`` narrowed to one app)."""
+        result = self._call_interned("app_running", Atom(app))
+        if result == Atom("false"):
+            return None
+        if not isinstance(result, bytes):
+            raise AgentProtocolError(self.socket_path, "app_running", format_term(result))
+        return _text(result)
 
     def which_applications(self) -> list[AppInfo]:
         """The running applications."""
@@ -510,6 +565,12 @@ class AgentClient:
     def stop_node(self) -> None:
         """Ask the node to shut down gracefully (``init:stop()``); returns at once."""
         self.call("stop_node")
+
+
+def _is_bad_frame(reason: VmTerm) -> bool:
+    """Whether ``reason`` is the agent's ``{bad_frame, _}``: it could not decode a request
+    (with ``[safe]``: typically an atom the node does not have)."""
+    return isinstance(reason, tuple) and len(reason) == 2 and reason[0] == Atom("bad_frame")
 
 
 def _lingering_pids(reason: VmTerm) -> tuple[Pid, ...] | None:

@@ -40,7 +40,7 @@ from pathlib import Path
 import blake3
 
 from bstore.activators.agent_build import AGENT_SOURCE, compile_agent
-from bstore.activators.agent_client import AgentClient, AgentError
+from bstore.activators.agent_client import AgentClient, AgentError, AgentOpError
 from bstore.activators.base import (
     Activator,
     ActivatorContext,
@@ -71,6 +71,7 @@ from bstore.activators.vm import VmActivator, host_node_name, node_environment, 
 from bstore.errors import BstoreError
 from bstore.generations.manifest import AppEntry, GenerationManifest, dependency_order
 from bstore.specs.model import Isolation
+from bstore.specs.terms.model import Atom
 
 #: Seconds to wait for an app without a health spec to be running after an action.
 DEFAULT_HEALTH_WAIT = 5.0
@@ -391,6 +392,10 @@ class EmbeddedActivator(Activator):
         """Stop the old side, start the new one (loading the new modules over the old)."""
         old_vm = self._old_in_vm(action)
         changed = self._changed_since_record(action.app, entry)
+        if not old_vm and not runs_in_vm(entry):
+            done = self._restart_in_host(action, entry, changed)
+            if done is not None:
+                return done
         if old_vm:
             self.vms.do_stop(action)
         else:
@@ -409,6 +414,33 @@ class EmbeddedActivator(Activator):
         load_new_code(client, app_ebin(self.store_dir, entry), entry, changed)
         start_app(client, [], entry)
         self._record(entry, entry.name)
+        return "restarted"
+
+    def _restart_in_host(self, action: Action, entry: AppEntry,
+                         changed: list[str] | None) -> str | None:
+        """Host node to host node: the whole restart is one agent request. None (nothing
+        done) when the node's agent predates that request: the steps then go one by one."""
+        records = read_managed(self._records)
+        rec = records.get(action.app)
+        old_ebin = None if rec is None else \
+            self.store_dir / rec.output / "lib" / f"{action.app}-{rec.version}" / "ebin"
+        ebins = closure_ebins(self.store_dir, self._new, entry)
+        # Rooted before the stop as in the separate steps' order, the new output is
+        # rooted only once the stop worked: a failed stop leaves the old code rooted.
+        try:
+            self._host().restart_app(action.app, old_ebin, ebins, {
+                m: ebins[0] / f"{m}.beam"
+                for m in (entry.modules if changed is None else changed)},
+                {k.name: v for k, v in entry.env.items()})
+        except AgentOpError as exc:
+            if exc.op == "restart_app" and _unsupported(exc.reason):
+                return None
+            if exc.op not in ("app_stop", "app_unload", "del_path"):
+                self.roots.set("host", entry.name, str(entry.output))
+            raise
+        self.roots.set("host", entry.name, str(entry.output))
+        records[entry.name] = _managed(entry)
+        self._write_records(records)
         return "restarted"
 
     def _changed_since_record(self, app: str, entry: AppEntry) -> list[str] | None:
@@ -443,3 +475,10 @@ class EmbeddedActivator(Activator):
 
 def _managed(entry: AppEntry) -> ManagedApp:
     return ManagedApp(entry.name, entry.version, str(entry.output), entry.isolation)
+
+
+def _unsupported(reason: object) -> bool:
+    """Whether an agent refused an operation it does not know (an older agent: the op's
+    atom is unknown to its node, or the op is)."""
+    return isinstance(reason, tuple) and len(reason) >= 1 and reason[0] in (
+        Atom("unknown_op"), Atom("bad_frame"))

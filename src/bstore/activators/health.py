@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from bstore.activators.agent_client import AgentClient, AgentError
+from bstore.activators.agent_client import AgentClient, AgentError, AgentOpError
 from bstore.activators.base import HealthResult
 from bstore.activators.etf import format_term
 from bstore.specs.model import HealthSpec, HealthType
@@ -85,12 +85,24 @@ def check_custom(app: str, module: str, client: AgentClient, timeout: float) -> 
 def check_running(app: str, client: AgentClient) -> HealthResult:
     """No health spec: healthy exactly when the application runs in the node."""
     try:
-        running = {a.name: a.version for a in client.which_applications()}
+        try:
+            version = client.app_running(app)
+        except AgentOpError as exc:
+            if not _older_agent(exc):
+                raise
+            # An agent without app_running (a node started before it existed).
+            version = {a.name: a.version for a in client.which_applications()}.get(app)
     except AgentError as exc:
         return HealthResult(app, False, f"node unreachable: {exc.message}")
-    if app in running:
-        return HealthResult(app, True, f"application running (version {running[app]})")
+    if version is not None:
+        return HealthResult(app, True, f"application running (version {version})")
     return HealthResult(app, False, "application is not running")
+
+
+def _older_agent(exc: AgentOpError) -> bool:
+    r = exc.reason
+    return isinstance(r, tuple) and len(r) >= 1 and r[0] in (Atom("unknown_op"),
+                                                              Atom("bad_frame"))
 
 
 def probe(app: str, spec: HealthSpec | None, client: AgentClient | None) -> HealthResult:

@@ -54,15 +54,19 @@ def _switch(profile: Profile, operation: str, target: StorePath, number: int | N
     old = profile.current()
     new_link = number is None
     to_number = number if number is not None else (max(profile.numbers(), default=0) + 1)
+    # Recovery decides from where the current link points (and whether the activation
+    # is recorded done), not from PREPARED vs SWITCHED: with no link to write in between,
+    # one durable journal write (file + directory fsync) is enough.
     journal = Journal(profile.name, operation, old.number if old else None,
                       old.store_path if old else None, to_number, target, new_link,
-                      hook is not None, Step.PREPARED, os.getpid())
+                      hook is not None, Step.PREPARED if new_link else Step.SWITCHED,
+                      os.getpid())
     write_journal(profile, journal)
     crash_point("gen-after-journal")
     if new_link:
         profile.write_generation_link(to_number, target)
         crash_point("gen-after-link")
-    write_journal(profile, _step(journal, Step.SWITCHED))
+        write_journal(profile, _step(journal, Step.SWITCHED))
     profile.set_current(to_number)
     crash_point("gen-after-switch")
     new = profile.get(to_number)

@@ -193,7 +193,8 @@ ops() ->
      {get_env, [1, 2]}, {set_env, [3]}, {unset_env, [2]}, {config_change, [2]},
      {reconfigure, [3]}, {suspend, [1, 2]}, {resume, [1]}, {change_code, [4]},
      {reload, [3]}, {process_info, [1]}, {stop_node, [0]}, {health_check, [3]},
-     {nodes, [0]}, {connect_node, [1]}].
+     {nodes, [0]}, {connect_node, [1]}, {restart_app, [5]},
+     {app_running, [1]}].
 
 op(ping, []) ->
     {ok, pong};
@@ -254,6 +255,35 @@ op(app_stop, [App]) when is_atom(App) ->
     ok_or_error(application:stop(App));
 op(app_unload, [App]) when is_atom(App) ->
     ok_or_error(application:unload(App));
+%% One app's restart in one request: stop + unload (each tolerating an app already
+%% stopped/unloaded), drop its old ebin, prepend the new ones, soft purge + load the
+%% given modules, load the app, set its env, ensure_all_started. The first failing step
+%% answers {error, {step, Op, Reason}} with Op the single operation of that step, so the
+%% caller reports exactly what the separate operations would have.
+op(restart_app, [App, OldEbin, Ebins, ModPaths, Env])
+  when is_atom(App), is_list(Ebins), is_list(ModPaths), is_list(Env) ->
+    Steps = [fun() -> tolerate(app_stop, application:stop(App), not_started) end,
+             fun() -> tolerate(app_unload, application:unload(App), not_loaded) end,
+             fun() -> restart_del_path(OldEbin) end,
+             fun() -> restart_add_paths(lists:reverse(Ebins)) end,
+             fun() -> restart_load(ModPaths) end,
+             fun() -> tolerate(app_load, application:load(App), already_loaded) end,
+             fun() -> restart_set_env(App, Env) end],
+    case run_steps(Steps) of
+        ok ->
+            case application:ensure_all_started(App) of
+                {ok, Started} -> {ok, Started};
+                {error, Reason} -> {error, {step, app_ensure_all_started, Reason}}
+            end;
+        Error ->
+            Error
+    end;
+%% The version of App when it runs, false when it does not (which_applications for one).
+op(app_running, [App]) when is_atom(App) ->
+    case lists:keyfind(App, 1, application:which_applications()) of
+        {App, _, Vsn} -> {ok, bin(Vsn)};
+        false -> {ok, false}
+    end;
 op(which_applications, []) ->
     {ok, [{A, bin(D), bin(V)} || {A, D, V} <- application:which_applications()]};
 op(loaded_applications, []) ->
@@ -346,6 +376,43 @@ config_changed(ok) -> {ok, ok}.
 
 is_module_not_defined({module_not_defined, _App}) -> true;
 is_module_not_defined(_) -> false.
+
+run_steps([]) -> ok;
+run_steps([Step | Rest]) ->
+    case Step() of
+        ok -> run_steps(Rest);
+        {error, _} = Error -> Error
+    end.
+
+tolerate(_, ok, _) -> ok;
+tolerate(_, {error, {Harmless, _}}, Harmless) -> ok;
+tolerate(Op, {error, Reason}, _) -> {error, {step, Op, Reason}}.
+
+restart_del_path(undefined) -> ok;
+restart_del_path(Dir) ->
+    case code:del_path(path(Dir)) of
+        Bool when is_boolean(Bool) -> ok;
+        {error, Reason} -> {error, {step, del_path, {Reason, Dir}}}
+    end.
+
+restart_add_paths([]) -> ok;
+restart_add_paths([Dir | Rest]) ->
+    case code:add_patha(path(Dir)) of
+        true -> restart_add_paths(Rest);
+        {error, Reason} -> {error, {step, add_patha, {Reason, Dir}}}
+    end.
+
+restart_load([]) -> ok;
+restart_load([{Mod, Path} | Rest]) when is_atom(Mod) ->
+    case load_abs(Mod, path(Path)) of
+        {ok, _} -> restart_load(Rest);
+        {error, Reason} -> {error, {step, load_module, Reason}}
+    end.
+
+restart_set_env(_, []) -> ok;
+restart_set_env(App, [{Key, Value} | Rest]) when is_atom(Key) ->
+    ok = application:set_env(App, Key, Value),
+    restart_set_env(App, Rest).
 
 ok_or_error(ok) -> {ok, ok};
 ok_or_error({error, Reason}) -> {error, Reason}.
