@@ -160,8 +160,11 @@ def read_journal(profile: Profile) -> Journal | None:
     return journal
 
 
-def write_journal(profile: Profile, journal: Journal) -> None:
-    """Atomically (temp file, fsync, rename, fsync of ``profiles/``) record ``journal``."""
+def write_journal(profile: Profile, journal: Journal, *, sync_dir: bool = True) -> None:
+    """Atomically (temp file, fsync, rename, fsync of ``profiles/``) record ``journal``.
+
+    ``sync_dir=False`` leaves the rename's durability to the caller's next fsync of
+    ``profiles/`` (until then a power loss may bring back the previous journal, whole)."""
     path = profile.journal_path
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
     try:
@@ -176,7 +179,8 @@ def write_journal(profile: Profile, journal: Journal) -> None:
         if os.path.lexists(tmp):
             os.unlink(tmp)
         raise JournalError(f"cannot write journal {str(path)!r}: {exc.strerror}") from exc
-    atomic.fsync_path(profile.dir)
+    if sync_dir:
+        atomic.fsync_path(profile.dir)
 
 
 def clear_journal(profile: Profile) -> None:

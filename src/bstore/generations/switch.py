@@ -78,7 +78,10 @@ def _switch(profile: Profile, operation: str, target: StorePath, number: int | N
                 profile.set_current(old.number)
             clear_journal(profile)
             raise
-        write_journal(profile, _step(journal, Step.ACTIVATED))
+        # clear_journal's fsync of profiles/ follows at once and makes this rename durable
+        # too; a power loss before it brings back the SWITCHED journal, and recovery then
+        # re-runs the activation, which plans against what runs (nothing to redo).
+        write_journal(profile, _step(journal, Step.ACTIVATED), sync_dir=False)
         crash_point("gen-after-activate")
     clear_journal(profile)
     return SwitchResult(old, new, False, recovered)
