@@ -425,8 +425,9 @@ class EmbeddedActivator(Activator):
         old_ebin = None if rec is None else \
             self.store_dir / rec.output / "lib" / f"{action.app}-{rec.version}" / "ebin"
         ebins = closure_ebins(self.store_dir, self._new, entry)
-        # Rooted before the stop as in the separate steps' order, the new output is
-        # rooted only once the stop worked: a failed stop leaves the old code rooted.
+        # The host root moves to the new output once the stop worked (as with the separate
+        # steps): a failed stop leaves the old code rooted. Meanwhile the new output is
+        # rooted by the generation the profile now names.
         try:
             self._host().restart_app(action.app, old_ebin, ebins, {
                 m: ebins[0] / f"{m}.beam"
