@@ -274,11 +274,26 @@ class EmbeddedActivator(Activator):
                                                     and not runs_in_vm(new.apps[a.app]))
                          for a in actions)
         if not needs_host:
-            return run_actions(self, actions, self._new, self._deadline, self.context.echo,
-                               settle=self._settle)
-        with self._connected():
-            return run_actions(self, actions, self._new, self._deadline, self.context.echo,
-                               settle=self._settle)
+            result = run_actions(self, actions, self._new, self._deadline, self.context.echo,
+                                 settle=self._settle)
+        else:
+            with self._connected():
+                result = run_actions(self, actions, self._new, self._deadline,
+                                     self.context.echo, settle=self._settle)
+        self._stop_stray_vms(new)
+        return result
+
+    def _stop_stray_vms(self, new: GenerationManifest) -> None:
+        """After any apply, no VM runs an app the generation does not run in a VM.
+
+        The plan stops what it sees running; a crash-looping guest caught between two
+        restarts looks stopped, so its VM would outlive a rollback that never planned
+        its stop. Stopping an already stopped VM is a no-op.
+        """
+        wanted = {name for name, entry in new.apps.items() if runs_in_vm(entry)}
+        for app in self.vms.known_apps():
+            if app not in wanted:
+                self.vms.stop_vm(app)
 
     def current_state(self) -> Mapping[str, RunningState]:
         """Every app bstore started here (host node and VMs), with what is observed."""

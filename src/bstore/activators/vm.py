@@ -86,6 +86,9 @@ _START_MARK = b"--- bstore: starting "
 DEFAULT_HEALTH_WAIT = 5.0
 #: A healthy probe is confirmed this many seconds later (catches fast crash loops).
 DEFAULT_SETTLE = 0.3
+#: How long a guest that lost its link may take to finish dying before the loss is
+#: reported as "node down" (a SIGKILLed VM closes its sockets before it exits).
+EXIT_GRACE = 1.0
 
 
 class VmError(BstoreError):
@@ -238,6 +241,22 @@ class Guest:
     def app_file(self) -> Path:
         """``app.json``: the one-app manifest the VM is started from."""
         return self.directory / "app.json"
+
+    def exited_within(self, timeout: float) -> bool:
+        """Whether the VM process is gone, or goes within ``timeout`` seconds."""
+        proc = self.node.proc
+        if proc is not None:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+        deadline = time.monotonic() + timeout
+        while self.running():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def running(self) -> bool:
         """Whether the recorded VM process is alive."""
@@ -705,8 +724,9 @@ class Supervisor:
                 # does not reconnect by itself.
                 up = self.vms.reconnect(entry) is True
             # A guest that is gone by now lost the link by dying: that is a death
-            # (handled below), not a "node down".
-            if up or guest.running():
+            # (handled below), not a "node down". A SIGKILLed VM closes its sockets
+            # before its (large) address space is torn down, so give it a moment.
+            if up or not guest.exited_within(EXIT_GRACE):
                 if up != state.connected:
                     first = state.connected is None
                     state.connected = up
