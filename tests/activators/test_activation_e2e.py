@@ -32,7 +32,6 @@ from acthelpers import (
     short_root,
 )
 
-from bstore.activators.agent_build import compile_agent
 from bstore.activators.base import (
     ActivationFailed,
     ActivatorContext,
@@ -74,30 +73,6 @@ class Recording(EmbeddedActivator):
 
     def last_kinds(self) -> dict[str, ActionKind]:
         return {a.app: a.kind for a in self.applied[-1][0]}
-
-
-@pytest.fixture(scope="module")
-def compiler(tmp_path_factory: pytest.TempPathFactory) -> AppCompiler:
-    return AppCompiler(tmp_path_factory.mktemp("apps"))
-
-
-@pytest.fixture(scope="module")
-def agent_ebin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compile_agent(tmp_path_factory.mktemp("agent"))
-
-
-@pytest.fixture(scope="module")
-def epmd() -> Iterator[Epmd]:
-    """An epmd on a random loopback port for this module's distributed nodes."""
-    daemon = Epmd()
-    old = os.environ.get("ERL_EPMD_PORT")
-    os.environ["ERL_EPMD_PORT"] = str(daemon.port)
-    yield daemon
-    if old is None:
-        del os.environ["ERL_EPMD_PORT"]
-    else:
-        os.environ["ERL_EPMD_PORT"] = old
-    daemon.stop()
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from bstore.activators.agent_build import compile_agent
 from bstore.activators.agent_client import (
     AgentClient,
     AgentOpError,
@@ -145,11 +144,6 @@ def _erlc(src_dir: Path, out: Path, files: dict[str, str]) -> None:
         (src_dir / name).write_text(text)
         paths.append(str(src_dir / name))
     subprocess.run(["erlc", "-o", str(out), *paths], check=True, capture_output=True)
-
-
-@pytest.fixture(scope="session")
-def agent_ebin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compile_agent(tmp_path_factory.mktemp("agent"))
 
 
 @pytest.fixture(scope="session")

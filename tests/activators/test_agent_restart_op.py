@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_agent import BuiltApp, agent_ebin, app, app_build, client, node  # noqa: F401
+from test_agent import BuiltApp, app, app_build, client, node  # noqa: F401
 
 from bstore.activators.agent_client import AgentClient, AgentOpError
 

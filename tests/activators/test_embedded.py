@@ -26,7 +26,6 @@ from acthelpers import (
     short_root,
 )
 
-from bstore.activators.agent_build import compile_agent
 from bstore.activators.base import ActivatorContext, ApplyResult, activation_hook
 from bstore.activators.embedded import EmbeddedActivator
 from bstore.activators.plan import Action, ActionKind, AppStatus
@@ -41,16 +40,6 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(shutil.which("erl") is None, reason="needs Erlang/OTP"),
 ]
-
-
-@pytest.fixture(scope="session")
-def compiler(tmp_path_factory: pytest.TempPathFactory) -> AppCompiler:
-    return AppCompiler(tmp_path_factory.mktemp("apps"))
-
-
-@pytest.fixture(scope="session")
-def agent_ebin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compile_agent(tmp_path_factory.mktemp("agent"))
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from acthelpers import AppCompiler, AppDef, Epmd, generation
 
-from bstore.activators.agent_build import compile_agent
 from bstore.activators.base import ActivatorContext
 from bstore.activators.embedded import EmbeddedActivator
 from bstore.activators.hostnode import HostNode, HostNodeError, NodePaths, socket_path
@@ -31,24 +29,6 @@ pytestmark = [
 ]
 
 OPTIONS = {"health_timeout": "10", "health_settle": "0"}
-
-
-@pytest.fixture(scope="module")
-def agent_ebin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compile_agent(tmp_path_factory.mktemp("agent"))
-
-
-@pytest.fixture(scope="module")
-def epmd() -> Iterator[Epmd]:
-    daemon = Epmd()
-    old = os.environ.get("ERL_EPMD_PORT")
-    os.environ["ERL_EPMD_PORT"] = str(daemon.port)
-    yield daemon
-    if old is None:
-        del os.environ["ERL_EPMD_PORT"]
-    else:
-        os.environ["ERL_EPMD_PORT"] = old
-    daemon.stop()
 
 
 @pytest.fixture

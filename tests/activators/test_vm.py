@@ -28,7 +28,6 @@ from acthelpers import (
     short_root,
 )
 
-from bstore.activators.agent_build import compile_agent
 from bstore.activators.base import ActivatorContext
 from bstore.activators.cookie import resolve_cookie
 from bstore.activators.embedded import EmbeddedActivator
@@ -46,30 +45,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("erl") is None or shutil.which("epmd") is None,
                        reason="needs Erlang/OTP"),
 ]
-
-
-@pytest.fixture(scope="module")
-def compiler(tmp_path_factory: pytest.TempPathFactory) -> AppCompiler:
-    return AppCompiler(tmp_path_factory.mktemp("apps"))
-
-
-@pytest.fixture(scope="module")
-def agent_ebin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compile_agent(tmp_path_factory.mktemp("agent"))
-
-
-@pytest.fixture(scope="module")
-def epmd() -> Iterator[Epmd]:
-    """One epmd on a random loopback port for this module's nodes, killed at the end."""
-    daemon = Epmd()
-    old = os.environ.get("ERL_EPMD_PORT")
-    os.environ["ERL_EPMD_PORT"] = str(daemon.port)
-    yield daemon
-    if old is None:
-        del os.environ["ERL_EPMD_PORT"]
-    else:
-        os.environ["ERL_EPMD_PORT"] = old
-    daemon.stop()
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from acthelpers import AppCompiler, AppDef, Epmd, generation, short_root
 
 from bstore.activation import Pipeline
-from bstore.activators.agent_build import compile_agent
 from bstore.activators.base import ActivatorContext
 from bstore.activators.embedded import EmbeddedActivator
 from bstore.activators.vm import VmState
@@ -32,24 +31,6 @@ pytestmark = [
 OPTIONS = {"health_timeout": "2", "health_settle": "0.5", "restart_backoff": "0.05",
            "restart_burst": "5"}
 CRASHING = AppDef("beta", env={"crash_after": 30}, vm=VmConfig())
-
-
-@pytest.fixture(scope="module")
-def agent_ebin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compile_agent(tmp_path_factory.mktemp("agent"))
-
-
-@pytest.fixture(scope="module")
-def epmd() -> Iterator[Epmd]:
-    daemon = Epmd()
-    old = os.environ.get("ERL_EPMD_PORT")
-    os.environ["ERL_EPMD_PORT"] = str(daemon.port)
-    yield daemon
-    if old is None:
-        del os.environ["ERL_EPMD_PORT"]
-    else:
-        os.environ["ERL_EPMD_PORT"] = old
-    daemon.stop()
 
 
 @pytest.fixture
