@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -26,6 +25,7 @@ from bstore.errors import BstoreError
 from bstore.generations.diff import diff_generations, render_diff
 from bstore.generations.generation import load_generation
 from bstore.generations.journal import Outcome, recover
+from bstore.generations.listing import generation_rows
 from bstore.generations.profiles import DEFAULT_PROFILE, Profile, parse_duration
 from bstore.generations.switch import ActivationHook, delete_generations, rollback
 from bstore.store.local import LocalStore
@@ -48,25 +48,6 @@ def _recover(app: AppContext, prof: Profile) -> None:
         app.log(result.describe())
 
 
-def _gen_row(store: LocalStore, prof: Profile, current: int | None) -> list[dict[str, Any]]:
-    rows = []
-    for g in prof.generations():
-        row: dict[str, Any] = {
-            "number": g.number, "date": g.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "current": g.number == current, "store_path": store.full_path(g.store_path),
-            "commit": None, "apps": [], "error": None}
-        try:
-            manifest = load_generation(store, g.store_path)
-        except BstoreError as exc:  # one damaged generation must not hide the others
-            row["error"] = exc.message
-        else:
-            row["commit"] = manifest.commit
-            row["apps"] = [{"name": a.name, "version": a.version}
-                           for a in manifest.apps.values()]
-        rows.append(row)
-    return rows
-
-
 @click.group(invoke_without_command=True)
 @_profile_option
 @_json_option
@@ -81,7 +62,7 @@ def generations(ctx: click.Context, app: AppContext, profile: str, as_json: bool
         prof = Profile(store, profile)
         _recover(app, prof)
         current = prof.current_number()
-        rows = _gen_row(store, prof, current)
+        rows = generation_rows(store, prof)
     lines = [f"profile {profile}: {len(rows)} generation(s)"]
     for r in rows:
         apps = ", ".join(f"{a['name']}-{a['version']}" for a in r["apps"])

@@ -11,8 +11,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bstore.errors import BstoreError
-
 
 def to_jsonable(value: Any) -> Any:
     """A JSON-ready form of a status/result value: ``to_dict()``, dataclass, or as is."""
@@ -55,30 +53,12 @@ def app_records(status: Mapping[str, Any]) -> list[dict[str, Any]]:
 def generation_rows(root: Path, profile_name: str) -> list[dict[str, Any]]:
     """The profile's generations (number, date, current, store path, commit, apps);
     empty when there is no store yet. A damaged generation shows its error."""
-    from bstore.generations.generation import load_generation
+    from bstore.generations.listing import generation_rows as rows_of
     from bstore.generations.profiles import Profile
     from bstore.store.layout import StoreLayout
     from bstore.store.local import LocalStore
 
     if not StoreLayout(root).db_path.exists():
         return []
-    rows: list[dict[str, Any]] = []
     with LocalStore.open(root, create=False) as store:
-        profile = Profile(store, profile_name)
-        current = profile.current_number()
-        for gen in profile.generations():
-            row: dict[str, Any] = {
-                "number": gen.number, "date": gen.created.isoformat(timespec="seconds"),
-                "current": gen.number == current,
-                "store_path": store.full_path(gen.store_path),
-                "commit": None, "apps": [], "error": None}
-            try:
-                manifest = load_generation(store, gen.store_path)
-            except BstoreError as exc:  # one damaged generation must not hide the rest
-                row["error"] = exc.message
-            else:
-                row["commit"] = manifest.commit
-                row["apps"] = [{"name": a.name, "version": a.version}
-                               for a in manifest.apps.values()]
-            rows.append(row)
-    return rows
+        return rows_of(store, Profile(store, profile_name))
