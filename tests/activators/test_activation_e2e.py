@@ -29,7 +29,6 @@ from acthelpers import (
     generation,
     http_get,
     read_state,
-    short_root,
 )
 
 from bstore.activators.base import (
@@ -73,31 +72,6 @@ class Recording(EmbeddedActivator):
 
     def last_kinds(self) -> dict[str, ActionKind]:
         return {a.app: a.kind for a in self.applied[-1][0]}
-
-
-@pytest.fixture
-def root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for var in ("RELEASE_COOKIE", "ERLANG_COOKIE"):
-        monkeypatch.delenv(var, raising=False)
-    path = short_root()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def store(root: Path) -> Iterator[LocalStore]:
-    with LocalStore.open(root) as st:
-        yield st
-
-
-@pytest.fixture
-def work(tmp_path: Path) -> Path:
-    d = tmp_path / "obs"
-    d.mkdir()
-    return d
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from acthelpers import (
     generation,
     http_get,
     read_state,
-    short_root,
 )
 
 from bstore.activators.base import ActivatorContext, ApplyResult, activation_hook
@@ -40,26 +39,6 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(shutil.which("erl") is None, reason="needs Erlang/OTP"),
 ]
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    path = short_root()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def store(root: Path) -> Iterator[LocalStore]:
-    with LocalStore.open(root) as st:
-        yield st
-
-
-@pytest.fixture
-def work(tmp_path: Path) -> Path:
-    d = tmp_path / "obs"
-    d.mkdir()
-    return d
 
 
 @pytest.fixture

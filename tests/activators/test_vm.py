@@ -25,7 +25,6 @@ from acthelpers import (
     generation,
     listening_sockets,
     read_state,
-    short_root,
 )
 
 from bstore.activators.base import ActivatorContext
@@ -45,32 +44,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("erl") is None or shutil.which("epmd") is None,
                        reason="needs Erlang/OTP"),
 ]
-
-
-@pytest.fixture
-def root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    # No user cookie: bstore generates one for the profile.
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for var in ("RELEASE_COOKIE", "ERLANG_COOKIE"):
-        monkeypatch.delenv(var, raising=False)
-    path = short_root()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def store(root: Path) -> Iterator[LocalStore]:
-    with LocalStore.open(root) as st:
-        yield st
-
-
-@pytest.fixture
-def work(tmp_path: Path) -> Path:
-    d = tmp_path / "obs"
-    d.mkdir()
-    return d
 
 
 OPTIONS = {"health_timeout": "10", "health_settle": "0", "restart_backoff": "0.2",
