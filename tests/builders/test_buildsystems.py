@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import sample_apps
+from netprobe import accepted, listening_socket
 
 from bstore.builders.buildsystems import BuildError, BuildResult, DepLib, build
 from bstore.builders.sandbox import NO_ISOLATION, Isolation, detect_isolation
@@ -211,21 +212,9 @@ needs_mountns = pytest.mark.skipif(
 
 @pytest.fixture
 def listener() -> Iterator[tuple[socket.socket, int]]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(5)
-    sock.settimeout(0.5)
-    yield sock, sock.getsockname()[1]
+    sock, port = listening_socket()
+    yield sock, port
     sock.close()
-
-
-def _accepted(sock: socket.socket) -> bool:
-    try:
-        conn, _ = sock.accept()
-    except TimeoutError:
-        return False
-    conn.close()
-    return True
 
 
 def _connecting_script(port: int) -> str:
@@ -248,7 +237,7 @@ def test_a_build_that_opens_a_socket_fails(
         do_build(tmp_path, source, "rebarapp", "2.0.0", [built_deps["greeter"]])
     assert "build step 'rebar3 bare compile' failed" in err.value.message
     assert "network_blocked" in err.value.log_tail
-    assert not _accepted(sock)
+    assert not accepted(sock)
     assert not (tmp_path / "out" / "rebarapp" / "lib" / "rebarapp-2.0.0").exists()
 
 
@@ -260,7 +249,7 @@ def test_the_same_build_connects_without_the_sandbox(
     source = sample_apps.rebar3_app(tmp_path / "src", rebar_script=_connecting_script(port))
     result = do_build(tmp_path, source, "rebarapp", "2.0.0", [built_deps["greeter"]],
                       isolation=NO_ISOLATION)
-    assert _accepted(sock)
+    assert accepted(sock)
     assert "CONNECTED" in result.log_path.read_text()
     assert not result.network_isolated
 

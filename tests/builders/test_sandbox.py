@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from netprobe import accepted, listening_socket
 
 from bstore.builders.sandbox import (
     BASE_ENV,
@@ -66,21 +67,9 @@ def _last_json(log: Path) -> object:
 
 @pytest.fixture
 def listener() -> Iterator[tuple[socket.socket, int]]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(5)
-    sock.settimeout(0.5)
-    yield sock, sock.getsockname()[1]
+    sock, port = listening_socket()
+    yield sock, port
     sock.close()
-
-
-def _accepted(sock: socket.socket) -> bool:
-    try:
-        conn, _ = sock.accept()
-    except TimeoutError:
-        return False
-    conn.close()
-    return True
 
 
 def test_environment_is_the_whitelist_and_home_is_empty(
@@ -120,7 +109,7 @@ def test_network_is_unreachable_inside(
     assert "build step 'connect' failed with exit status 1" in err.value.message
     assert "CONNECTED" not in err.value.log_tail.splitlines()
     assert "Network is unreachable" in err.value.log_tail  # what the child got
-    assert not _accepted(sock)
+    assert not accepted(sock)
 
 
 def test_without_isolation_the_same_connect_succeeds(
@@ -131,7 +120,7 @@ def test_without_isolation_the_same_connect_succeeds(
     sb = _sandbox(tmp_path, isolation=NO_ISOLATION)
     sb.run(_py(f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=3)"),
            cwd=sb.work_dir)
-    assert _accepted(sock)
+    assert accepted(sock)
 
 
 @needs_mountns
