@@ -2,12 +2,13 @@
 or undone by the next one.
 
 ``<root>/profiles/<p>.journal`` (JSON, schema :data:`JOURNAL_SCHEMA`) is written
-atomically before a switch touches any link, its ``step`` advanced as the switch goes,
-and removed when the switch (and its activation) is complete::
+atomically (temp file + ``rename``) before a switch touches any link, its ``step``
+advanced as the switch goes, and removed when the switch (and its activation) is
+complete::
 
     prepared  -> link written (<p>-<M>-link, for a new generation)
               -> switched   (profile link renamed to <p>-<M>-link)
-              -> activated  (the activation hook returned)
+              -> activation (the activation hook runs)
               -> journal removed
 
 After a ``kill -9`` at any point the profile still names one whole generation (each link
@@ -16,15 +17,24 @@ is replaced by ``rename``). :func:`recover` then looks at where the profile poin
 - at the journal's *from* generation: the switch never happened — remove the new link
   it may have written, drop the journal (**reverted**);
 - at the *to* generation: the switch happened — run the activation again through the
-  ``finish`` callback (activations are plans against what runs, so re-running is safe),
-  then drop the journal (**finished**); without a callback the journal stays and the
-  result says activation is **pending**.
+  ``finish`` callback (activations are plans against what runs, so re-running one that
+  had completed does nothing), then drop the journal (**finished**); without a callback
+  the journal stays and the result says activation is **pending**.
+
+Durability. The journal guards against bstore being killed, and a killed process loses
+nothing it wrote: so writing the journal needs no fsync. What a power loss must not undo
+is the switch a command reported done: the fsync of ``profiles/`` that removes the journal
+(:func:`clear_journal`). A power loss ends every node too, and nodes boot into whatever
+generation the profile names, so a journal lost or torn by it (empty or zero-filled:
+written, renamed, not yet on disk) recorded nothing that is still to do; :func:`recover`
+drops it.
 
 Crash points (``BSTORE_CRASH_AT``, see :mod:`bstore.store.crash`): :data:`CRASH_POINTS`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -36,7 +46,6 @@ from typing import Any
 
 from bstore.errors import BstoreError
 from bstore.generations.profiles import GenerationLink, Profile
-from bstore.store import atomic
 from bstore.store.paths import InvalidStorePath, StorePath
 
 JOURNAL_SCHEMA = "bstore-journal/1"
@@ -60,9 +69,7 @@ class Step(StrEnum):
     """How far a journaled switch got (recorded before each next action)."""
 
     PREPARED = "prepared"
-    LINKED = "linked"
     SWITCHED = "switched"
-    ACTIVATED = "activated"
 
 
 class Outcome(StrEnum):
@@ -153,6 +160,9 @@ def read_journal(profile: Profile) -> Journal | None:
         data = os.read(fd, _MAX_JOURNAL_BYTES + 1)
     finally:
         os.close(fd)
+    if not data.strip(b"\0"):
+        # Torn by a power loss (see the module docstring): nothing to finish or revert.
+        return None
     journal = _parse(data, str(path))
     if journal.profile != profile.name:
         raise JournalError(f"journal {str(path)!r} is for profile {journal.profile!r}",
@@ -160,18 +170,15 @@ def read_journal(profile: Profile) -> Journal | None:
     return journal
 
 
-def write_journal(profile: Profile, journal: Journal, *, sync_dir: bool = True) -> None:
-    """Atomically (temp file, fsync, rename, fsync of ``profiles/``) record ``journal``.
-
-    ``sync_dir=False`` leaves the rename's durability to the caller's next fsync of
-    ``profiles/`` (until then a power loss may bring back the previous journal, whole)."""
+def write_journal(profile: Profile, journal: Journal) -> None:
+    """Atomically (temp file + ``rename``) record ``journal``; not fsynced (see the module
+    docstring, "Durability")."""
     path = profile.journal_path
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             os.write(fd, journal.to_bytes())
-            os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
@@ -179,17 +186,14 @@ def write_journal(profile: Profile, journal: Journal, *, sync_dir: bool = True) 
         if os.path.lexists(tmp):
             os.unlink(tmp)
         raise JournalError(f"cannot write journal {str(path)!r}: {exc.strerror}") from exc
-    if sync_dir:
-        atomic.fsync_path(profile.dir)
 
 
 def clear_journal(profile: Profile) -> None:
-    """Remove the journal (durably): the switch is complete."""
-    try:
+    """Remove the journal and make that, and every link change before it, durable: the
+    switch is complete."""
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(profile.journal_path)
-    except FileNotFoundError:
-        return
-    atomic.fsync_path(profile.dir)
+    profile.sync()
 
 
 #: Re-runs an interrupted activation: ``(from generation or None, to generation)``.
@@ -226,10 +230,12 @@ def recover(profile: Profile, finish: FinishActivation | None = None) -> Recover
     profile.clean_temp_links()
     journal = read_journal(profile)
     if journal is None:
+        if os.path.lexists(profile.journal_path):
+            clear_journal(profile)  # torn by a power loss: nothing to do
         return Recovery(Outcome.NONE)
     current = profile.current_number()
     if current == journal.to_number and profile.get(current).store_path == journal.to_path:
-        if journal.activate and journal.step is not Step.ACTIVATED:
+        if journal.activate:
             if finish is None:
                 return Recovery(Outcome.PENDING, journal)
             old = None if journal.from_number is None else _existing(profile, journal)

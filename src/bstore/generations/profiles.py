@@ -186,7 +186,7 @@ class Profile:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _replace_link(self, name: str, target: str) -> None:
+    def _replace_link(self, name: str, target: str, *, sync: bool = True) -> None:
         tmp = self.dir / f"{_TMP_PREFIX}{self.name}-{secrets.token_hex(6)}"
         try:
             os.symlink(target, tmp)
@@ -197,6 +197,11 @@ class Profile:
         finally:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
+        if sync:
+            self.sync()
+
+    def sync(self) -> None:
+        """Make every link change in ``profiles/`` so far durable (fsync of the directory)."""
         atomic.fsync_path(self.dir)
 
     def write_generation_link(self, number: int, sp: StorePath) -> Path:
@@ -206,10 +211,11 @@ class Profile:
         self._replace_link(self.link_name(number), self.store.full_path(sp))
         return self.dir / self.link_name(number)
 
-    def set_current(self, number: int) -> None:
-        """Point the profile at generation ``number`` (which must exist; atomic, durable)."""
+    def set_current(self, number: int, *, sync: bool = True) -> None:
+        """Point the profile at generation ``number`` (which must exist; atomic; durable on
+        return unless ``sync`` is false, when the caller runs :meth:`sync` later)."""
         self._read_gen_link(number)
-        self._replace_link(self.name, self.link_name(number))
+        self._replace_link(self.name, self.link_name(number), sync=sync)
 
     def remove_generation_link(self, number: int) -> None:
         """Delete generation ``number``'s link (never the current one; durable)."""

@@ -2,12 +2,19 @@
 
 Every switch runs under the profile lock and the journal (:mod:`.journal`): first an
 interrupted earlier switch is finished or reverted, then the intent is recorded, the
-links are replaced (temp symlink + ``rename`` + fsync of ``profiles/``), the optional
-activation hook runs, and the journal is removed. The hook is how the layer above
-(activators) takes part without this layer knowing about it: it receives the old and new
-generation links; if it raises, the profile is switched back to the old generation and
-the error is re-raised (re-activating the old generation is the caller's decision; a new
-generation's link stays, to be inspected, switched to or deleted).
+links are replaced (temp symlink + ``rename``), the optional activation hook runs, and
+the journal is removed.
+
+A switch to an existing generation fsyncs ``profiles/`` once, when it is complete (or
+undone): a power loss before that ends every node as well, and they boot into whichever
+whole generation the profile names; the journal needs no fsync (:mod:`.journal`,
+"Durability"). A new generation's link is made durable before the profile points at it.
+
+The hook is how the layer above (activators) takes part without this layer knowing about
+it: it receives the old and new generation links; if it raises, the profile is switched
+back to the old generation and the error is re-raised (re-activating the old generation
+is the caller's decision; a new generation's link stays, to be inspected, switched to or
+deleted).
 """
 
 from __future__ import annotations
@@ -54,9 +61,8 @@ def _switch(profile: Profile, operation: str, target: StorePath, number: int | N
     old = profile.current()
     new_link = number is None
     to_number = number if number is not None else (max(profile.numbers(), default=0) + 1)
-    # Recovery decides from where the current link points (and whether the activation
-    # is recorded done), not from PREPARED vs SWITCHED: with no link to write in between,
-    # one durable journal write (file + directory fsync) is enough.
+    # Recovery decides from where the current link points, not from PREPARED vs
+    # SWITCHED: with no link to write in between, one journal write is enough.
     journal = Journal(profile.name, operation, old.number if old else None,
                       old.store_path if old else None, to_number, target, new_link,
                       hook is not None, Step.PREPARED if new_link else Step.SWITCHED,
@@ -64,10 +70,11 @@ def _switch(profile: Profile, operation: str, target: StorePath, number: int | N
     write_journal(profile, journal)
     crash_point("gen-after-journal")
     if new_link:
+        # Durable before the profile may point at it.
         profile.write_generation_link(to_number, target)
         crash_point("gen-after-link")
         write_journal(profile, _step(journal, Step.SWITCHED))
-    profile.set_current(to_number)
+    profile.set_current(to_number, sync=False)
     crash_point("gen-after-switch")
     new = profile.get(to_number)
     if hook is not None:
@@ -75,14 +82,11 @@ def _switch(profile: Profile, operation: str, target: StorePath, number: int | N
             hook(old, new)
         except BaseException:
             if old is not None:
-                profile.set_current(old.number)
+                profile.set_current(old.number, sync=False)
             clear_journal(profile)
             raise
-        # clear_journal's fsync of profiles/ follows at once and makes this rename durable
-        # too; a power loss before it brings back the SWITCHED journal, and recovery then
-        # re-runs the activation, which plans against what runs (nothing to redo).
-        write_journal(profile, _step(journal, Step.ACTIVATED), sync_dir=False)
         crash_point("gen-after-activate")
+    # One fsync of profiles/ makes the switch (or its undoing, above) durable.
     clear_journal(profile)
     return SwitchResult(old, new, False, recovered)
 
