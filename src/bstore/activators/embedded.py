@@ -53,18 +53,17 @@ from bstore.activators.health import HealthSchedule, probe
 from bstore.activators.hostnode import HostNode, HostNodeStatus
 from bstore.activators.nodeops import (
     ManagedApp,
+    ManagedRecords,
     app_ebin,
     closure_ebins,
     describe_error,
     generation_ebins,
     load_new_code,
-    read_managed,
     reconfigure_app,
     reload_or_restart,
     run_actions,
     start_app,
     stop_app,
-    write_managed,
 )
 from bstore.activators.plan import Action, AppStatus, RunningState, plan
 from bstore.activators.vm import VmActivator, host_node_name, node_environment, runs_in_vm
@@ -139,7 +138,7 @@ class EmbeddedActivator(Activator):
         self._old: GenerationManifest | None = None
         self._new: GenerationManifest | None = None
         self._client: AgentClient | None = None
-        self._records = self.node.paths.directory / "apps.json"
+        self._records = ManagedRecords(self.node.paths.directory / "apps.json")
         #: GC roots of what the host node runs (see :mod:`bstore.activators.gcroots`);
         #: dropped whenever the node is found or made stopped.
         self.roots = RunningRoots(context.root, context.profile)
@@ -197,7 +196,7 @@ class EmbeddedActivator(Activator):
 
     def _write_records(self, records: Mapping[str, ManagedApp]) -> None:
         """Record what runs in the host node, and root exactly that in the store."""
-        write_managed(self._records, records)
+        self._records.write(records)
         self.roots.sync("host", {n: r.output for n, r in records.items()})
 
     def shutdown(self) -> str:
@@ -297,7 +296,7 @@ class EmbeddedActivator(Activator):
 
     def current_state(self) -> Mapping[str, RunningState]:
         """Every app bstore started here (host node and VMs), with what is observed."""
-        records = read_managed(self._records)
+        records = self._records.read()
         states: dict[str, RunningState] = {}
         running: dict[str, str] | None = None
         if records and self.node.is_running():
@@ -353,15 +352,16 @@ class EmbeddedActivator(Activator):
         return probe(entry.name, entry.health, self._host())
 
     def _record(self, entry: AppEntry | None, name: str) -> None:
-        records = read_managed(self._records)
+        """Record that ``name`` runs ``entry`` now (None: runs no more), and root that."""
         if entry is None:
-            records.pop(name, None)
+            self._records.update(name, None)
+            self.roots.remove("host", name)
         else:
-            records[name] = _managed(entry)
-        self._write_records(records)
+            self.roots.set("host", name, str(entry.output))
+            self._records.update(name, _managed(entry))
 
     def _old_ebin(self, app: str) -> Path | None:
-        rec = read_managed(self._records).get(app)
+        rec = self._records.get(app)
         if rec is None:
             return None
         return self.store_dir / rec.output / "lib" / f"{app}-{rec.version}" / "ebin"
@@ -435,8 +435,7 @@ class EmbeddedActivator(Activator):
                          changed: list[str] | None) -> str | None:
         """Host node to host node: the whole restart is one agent request. None (nothing
         done) when the node's agent predates that request: the steps then go one by one."""
-        records = read_managed(self._records)
-        rec = records.get(action.app)
+        rec = self._records.get(action.app)
         old_ebin = None if rec is None else \
             self.store_dir / rec.output / "lib" / f"{action.app}-{rec.version}" / "ebin"
         ebins = closure_ebins(self.store_dir, self._new, entry)
@@ -454,9 +453,7 @@ class EmbeddedActivator(Activator):
             if exc.op not in ("app_stop", "app_unload", "del_path"):
                 self.roots.set("host", entry.name, str(entry.output))
             raise
-        self.roots.set("host", entry.name, str(entry.output))
-        records[entry.name] = _managed(entry)
-        self._write_records(records)
+        self._record(entry, entry.name)
         return "restarted"
 
     def _changed_since_record(self, app: str, entry: AppEntry) -> list[str] | None:
@@ -464,7 +461,7 @@ class EmbeddedActivator(Activator):
         (None: load them all). Known only when the record names the old generation's
         build of ``app``: then the loaded code is that build's, module by module."""
         old = self._old.apps.get(app) if self._old is not None else None
-        rec = read_managed(self._records).get(app)
+        rec = self._records.get(app)
         if old is None or rec is None or rec.output != str(old.output) or runs_in_vm(old):
             return None
         return [m for m, digest in entry.modules.items() if old.modules.get(m) != digest]

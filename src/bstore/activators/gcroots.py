@@ -16,7 +16,10 @@ code starts and removed when its node stops (or the app leaves it), so the windo
 which the running code is unrooted is empty: until the activator's root exists, the
 generation being activated (a profile link) holds the same paths.
 
-Links are replaced atomically (temp symlink + ``rename`` + fsync of the directory).
+Links are replaced atomically (temp symlink + ``rename``), without an fsync: they root
+the code of running processes, and the power loss that could undo a change ends those
+processes too (the node that boots again sets its roots anew; a stopped node's are
+dropped).
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from bstore.errors import BstoreError
-from bstore.store import atomic
 from bstore.store.paths import InvalidStorePath, StorePath
 
 #: The groups of roots a profile has: the host node's apps and the guest VMs' apps.
@@ -86,7 +88,6 @@ class RunningRoots:
             tmp = directory / f".{app}.tmp-{secrets.token_hex(4)}"
             os.symlink(target, tmp)
             os.rename(tmp, link)
-            atomic.fsync_path(directory)
         except OSError as exc:
             raise RunningRootsError(f"cannot write GC root {link} -> {target}: {exc}",
                                     hint="check the permissions of the state directory"
@@ -101,7 +102,6 @@ class RunningRoots:
             return
         except OSError as exc:
             raise RunningRootsError(f"cannot remove GC root {link}: {exc}") from exc
-        atomic.fsync_path(link.parent)
 
     def sync(self, group: str, wanted: Mapping[str, str]) -> None:
         """Make ``group`` hold exactly ``wanted`` (app → output base name)."""

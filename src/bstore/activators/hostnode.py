@@ -220,8 +220,11 @@ def _reap(record: NodeRecord) -> None:
 
 
 def _is_running(record: NodeRecord) -> bool:
-    _reap(record)
-    return process_start_time(record.pid) == record.start_time
+    stat = _proc_stat(record.pid)
+    if stat == ("Z", record.start_time):
+        _reap(record)
+        return False
+    return stat is not None and stat[0] != "Z" and stat[1] == record.start_time
 
 
 class HostNode:
@@ -233,6 +236,8 @@ class HostNode:
         self.erl = erl
         #: Called after :meth:`stop` found the node gone (e.g. to drop its GC roots).
         self.on_stopped: list[Callable[[], None]] = []
+        #: The last record read, by the file's identity (every write renames a new file).
+        self._record_seen: tuple[tuple[int, int, int], NodeRecord] | None = None
 
     # ------------------------------------------------------------ files
 
@@ -265,8 +270,12 @@ class HostNode:
     def read_record(self) -> NodeRecord | None:
         """The pid record, or None when there is none (a corrupt one is an error)."""
         try:
+            st = os.stat(self.paths.record)
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self._record_seen is not None and self._record_seen[0] == key:
+                return self._record_seen[1]
             data = json.loads(self.paths.record.read_text(encoding="utf-8"))
-            return NodeRecord(
+            record = NodeRecord(
                 pid=int(data["pid"]),
                 start_time=int(data["start_time"]),
                 socket=str(data["socket"]),
@@ -274,6 +283,8 @@ class HostNode:
                 argv=tuple(str(a) for a in data.get("argv", [])),
                 started_at=float(data.get("started_at", 0.0)),
             )
+            self._record_seen = (key, record)
+            return record
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -71,8 +71,11 @@ def closure_ebins(store_dir: Path, manifest: GenerationManifest | None,
     if manifest is not None:
         closure = {str(p) for p in entry.closure}
         for target in manifest.code_path.values():
+            # The closure test first: a generation's code path names every app's lib dir.
+            if target.split("/", 1)[0] not in closure:
+                continue
             ebin = store_dir / target / "ebin"
-            if target.split("/", 1)[0] in closure and ebin != own and ebin.is_dir():
+            if ebin != own and ebin.is_dir():
                 dirs.append(ebin)
     return dirs
 
@@ -168,7 +171,10 @@ def read_managed(path: Path) -> dict[str, ManagedApp]:
 
 
 def write_managed(path: Path, apps: Mapping[str, ManagedApp]) -> None:
-    """Record ``apps`` in ``path`` atomically (temp file, fsync, rename)."""
+    """Record ``apps`` in ``path`` atomically (temp file + rename).
+
+    No fsync: the file describes processes, and the power loss that could undo the write
+    ends them too (a node boots from its profile's generation and rewrites it)."""
     data = {n: {"version": a.version, "output": a.output, "isolation": a.isolation.value}
             for n, a in sorted(apps.items())}
     tmp = path.with_name(f".{path.name}.tmp")
@@ -176,10 +182,52 @@ def write_managed(path: Path, apps: Mapping[str, ManagedApp]) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, json.dumps(data, indent=1).encode("utf-8"))
-        os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+class ManagedRecords:
+    """``apps.json`` of one node (:func:`read_managed`/:func:`write_managed`), read once
+    per change: an activation consults it for every action, and another process (a
+    ``bstore status`` next to the daemon) may rewrite it in between, which the file's
+    identity (inode, mtime, size: every write is a new file renamed over it) reveals."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: tuple[tuple[int, int, int], dict[str, ManagedApp]] | None = None
+
+    def read(self) -> dict[str, ManagedApp]:
+        """The recorded apps (a fresh dict the caller may change)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            self._seen = None
+            return {}
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._seen is None or self._seen[0] != key:
+            self._seen = (key, read_managed(self.path))
+        return dict(self._seen[1])
+
+    def get(self, app: str) -> ManagedApp | None:
+        """One app's record, if any."""
+        return self.read().get(app)
+
+    def write(self, apps: Mapping[str, ManagedApp]) -> None:
+        """Record exactly ``apps``."""
+        write_managed(self.path, apps)
+
+    def update(self, app: str, record: ManagedApp | None) -> None:
+        """Record (or, with None, forget) one app, keeping the others."""
+        apps = self.read()
+        if record is None:
+            if apps.pop(app, None) is None:
+                return
+        elif apps.get(app) == record:
+            return
+        else:
+            apps[app] = record
+        self.write(apps)
 
 
 # -- the action loop ------------------------------------------------------------------------

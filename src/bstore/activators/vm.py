@@ -208,6 +208,7 @@ class _GuestNode(HostNode):
         self.cgroup = cgroup
         self.proc: subprocess.Popen[bytes] | None = None
         self.on_stopped = []
+        self._record_seen = None
 
     def _spawn(self, argv: list[str],
                env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
