@@ -4,6 +4,7 @@ and the dry-run activator through the entry-point loader."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import sys
 from importlib.metadata import entry_points
@@ -28,13 +29,21 @@ from bstore.activators.plan import (
     ActionKind,
     AppStatus,
     RunningState,
+    _app_action,
+    _full_action,
+    _unchanged_action,
     blocked_by,
     mark_blocked,
     plan,
     plan_to_json,
     render_plan,
 )
-from bstore.generations.manifest import AppEntry, GenerationManifest
+from bstore.generations.manifest import (
+    AppEntry,
+    GenerationManifest,
+    ManifestError,
+    dependency_order,
+)
 from bstore.specs.terms.model import Atom
 
 
@@ -287,3 +296,127 @@ def test_rerun_after_interrupted_activation(new: AppEntry, kind: ActionKind,
     assert one(None, fresh, state).kind is ActionKind.KEEP
     unhealthy = {"web": dataclasses.replace(running["web"], healthy=False)}
     assert one(WEB, new, unhealthy).kind is ActionKind.RESTART
+
+
+# -- the unchanged-app fast path against the full rules --------------------------------------
+
+def _web(**kw: Any) -> Any:
+    base: dict[str, Any] = {"modules": {"web": "a", "web_util": "b"}, "env": {"port": 80},
+                            "depends_on": ["db"]}
+    return fake_entry("web", kw.pop("version", "1.0"), **{**base, **kw})
+
+
+SAME_BUILD = _web()
+#: (label, old, new, whether the fast path may answer): each pair is planned against every
+#: running state of RUNNING_STATES, by plan's own path and by the full rules alone.
+FAST_PATH_CASES: list[tuple[str, Any, Any, bool]] = [
+    ("unchanged", SAME_BUILD, _web(), True),
+    ("unchanged, other origin and commit", SAME_BUILD,
+     dataclasses.replace(_web(), origin="apps/web.config", commit="c0ffee"), True),
+    ("env value changed", SAME_BUILD, _web(env={"port": 81}), False),
+    ("env key added", SAME_BUILD, _web(env={"port": 80, "debug": Atom("true")}), False),
+    ("env key removed", SAME_BUILD, _web(env={}), False),
+    ("env 80 -> 80.0 (== but not =:=)", SAME_BUILD, _web(env={"port": 80.0}), False),
+    ("version", SAME_BUILD, _web(version="1.1"), False),
+    ("module body", SAME_BUILD, _web(modules={"web": "a2", "web_util": "b"}), False),
+    ("rebuilt byte-identical", SAME_BUILD, rebuilt_identical(SAME_BUILD), False),
+    ("health changed", SAME_BUILD, _web(health_port=8080), False),
+    ("depends_on changed", SAME_BUILD, _web(depends_on=["db", "cache"]), False),
+    ("source resolved elsewhere", SAME_BUILD, dataclasses.replace(
+        _web(), source=dataclasses.replace(SAME_BUILD.source, resolved="abc123")), False),
+]
+
+_OTHER_BUILD = "x" * 32 + "-web-1.0"
+RUNNING_STATES: list[tuple[str, RunningState | None]] = [
+    ("not running", None),
+    ("running", RunningState("web", AppStatus.RUNNING, "1.0", output=str(SAME_BUILD.output))),
+    ("running, unchecked", RunningState("web", AppStatus.RUNNING)),
+    ("running, healthy", RunningState("web", AppStatus.RUNNING, "1.0", healthy=True)),
+    ("starting", RunningState("web", AppStatus.STARTING, "1.0")),
+    ("stopped", RunningState("web", AppStatus.STOPPED, "1.0", reason="by hand")),
+    ("failed", RunningState("web", AppStatus.FAILED, "1.0", reason="oom")),
+    ("other version", RunningState("web", AppStatus.RUNNING, "0.9")),
+    ("other output", RunningState("web", AppStatus.RUNNING, "1.0", output=_OTHER_BUILD)),
+    ("unhealthy", RunningState("web", AppStatus.RUNNING, "1.0", healthy=False)),
+]
+
+
+@pytest.mark.parametrize(("label", "old", "new", "fast"), FAST_PATH_CASES,
+                         ids=[c[0] for c in FAST_PATH_CASES])
+def test_unchanged_fast_path_matches_full_rules(label: str, old: AppEntry, new: AppEntry,
+                                                fast: bool) -> None:
+    # plan() answers unchanged apps without the full rules; it must never answer otherwise
+    states = [*RUNNING_STATES,
+              ("running the new build", RunningState("web", AppStatus.RUNNING, new.version,
+                                                     output=str(new.output)))]
+    for _, state in states:
+        for check in (True, False):
+            given = state if check else None
+            shortcut = _unchanged_action(old, new, given, check)
+            assert (shortcut is not None) is fast, (label, state, check)
+            full = _full_action(old, new, given, check)
+            assert _app_action(old, new, given, check) == full, (label, state, check)
+            if shortcut is not None:
+                assert shortcut == full, (label, state, check)
+            running = {"web": state} if check and state is not None else {} if check else None
+            assert plan(gen(old), gen(new), running) == [full], (label, state, check)
+
+
+def test_plan_of_many_unchanged_apps_matches_full_rules() -> None:
+    # a 50-app switch with one app bumped, planned against what runs (some of it drifted)
+    names = [f"a{i:02d}" for i in range(1, 51)]
+
+    def app(i: int, version: str = "1.0") -> Any:
+        return fake_entry(names[i], version, env={"dir": list(b"/srv/obs"), "n": i},
+                          depends_on=[names[i - 1]] if i % 5 else [])
+
+    old = gen(*(app(i) for i in range(50)))
+    new = gen(*(app(i, "2.0" if i == 6 else "1.0") for i in range(50)))
+    running = {n: RunningState(n, AppStatus.RUNNING, "1.0", output=str(a.output))
+               for n, a in old.apps.items()}
+    running["a03"] = RunningState("a03", AppStatus.FAILED, "1.0", reason="crashed")
+    running["a11"] = dataclasses.replace(running["a11"], healthy=False)
+    actions = plan(old, new, running)
+    order = dependency_order(new)
+    assert actions == [_full_action(old.apps[n], new.apps[n], running[n], True) for n in order]
+    kinds = {a.app: a.kind for a in actions if a.kind is not ActionKind.KEEP}
+    assert kinds == {"a03": ActionKind.START, "a07": ActionKind.RESTART,
+                     "a11": ActionKind.RESTART}
+
+
+def test_dependency_order_memo_follows_the_structure() -> None:
+    # same app names, dependencies turned around: the remembered order must not be reused
+    forward = gen(*_chain("1.0", ("a", "b", "c")))
+    backward = gen(fake_entry("a", depends_on=["b"]), fake_entry("b", depends_on=["c"]),
+                   fake_entry("c"))
+    for manifest in (forward, backward, forward, backward):
+        assert [x.app for x in plan(None, manifest)] == dependency_order(manifest)
+    assert [x.app for x in plan(None, forward)] == ["a", "b", "c"]
+    assert [x.app for x in plan(None, backward)] == ["c", "b", "a"]
+    cycle = gen(fake_entry("a", depends_on=["b"]), fake_entry("b", depends_on=["a"]))
+    for _ in range(2):  # a cycle is refused every time, not remembered as an order
+        with pytest.raises(ManifestError, match="dependency cycle: a -> b -> a"):
+            plan(None, cycle)
+
+
+def test_action_init_matches_its_fields() -> None:
+    # Action.__init__ is written out for speed: it must take exactly the declared fields
+    params = list(inspect.signature(Action.__init__).parameters.values())[1:]
+    fields = dataclasses.fields(Action)
+    assert [p.name for p in params] == [f.name for f in fields]
+    for p, f in zip(params, fields, strict=True):
+        default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else f.default)
+        expected = inspect.Parameter.empty if default is dataclasses.MISSING else default
+        assert p.default == expected, f.name
+    action = Action(ActionKind.RECONFIGURE, "web", "1.0", env_set={Atom("a"): 1})
+    assert dataclasses.replace(action, env_unset=(Atom("b"),)).env_unset == (Atom("b"),)
+    env = {Atom("a"): 1}
+    copied = Action(ActionKind.RELOAD, "web", "1.0", modules=("web",), env_set=env)
+    env[Atom("a")] = 2  # the action keeps its own copy
+    assert copied.env_set == {Atom("a"): 1}
+    assert Action(ActionKind.KEEP, "web", None).env_set == {}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        copied.kind = ActionKind.KEEP  # type: ignore[misc]
+    with pytest.raises(ValueError, match="'keep' is not an ActionKind"):
+        Action("keep", "web", "1.0")  # type: ignore[arg-type]

@@ -85,7 +85,12 @@ class RunningState:
                 "healthy": self.healthy, "output": self.output, "reason": self.reason}
 
 
-@dataclass(frozen=True)
+#: The default ``env_set``; shared safely because every action stores a copy.
+_NO_ENV: Mapping[Atom, Term] = {}
+_ENV_KINDS = frozenset({ActionKind.RECONFIGURE, ActionKind.RELOAD})
+
+
+@dataclass(frozen=True, init=False)
 class Action:
     """One step of a plan. ``version``/``isolation`` describe the app after the action
     (before it, for ``stop``); ``old_version``/``old_isolation`` before it (``None`` for a
@@ -104,15 +109,25 @@ class Action:
     env_unset: tuple[Atom, ...] = ()
     depends_on: tuple[str, ...] = ()
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.kind, ActionKind):
-            raise ValueError(f"action kind {self.kind!r} is not an ActionKind")
-        if self.modules and self.kind is not ActionKind.RELOAD:
-            raise ValueError(f"{self.kind.value} action for {self.app!r} lists modules")
-        if (self.env_set or self.env_unset) and self.kind not in (ActionKind.RECONFIGURE,
-                                                                 ActionKind.RELOAD):
-            raise ValueError(f"{self.kind.value} action for {self.app!r} changes env")
-        object.__setattr__(self, "env_set", dict(self.env_set))
+    # Written out (same fields, order and defaults as above) because the generated
+    # __init__ of a frozen dataclass sets each field through object.__setattr__: about
+    # 1 µs for these eleven, and a plan makes one Action per app on every switch.
+    def __init__(self, kind: ActionKind, app: str, version: str | None,
+                 old_version: str | None = None, isolation: Isolation = Isolation.EMBEDDED,
+                 old_isolation: Isolation | None = None, reasons: tuple[str, ...] = (),
+                 modules: tuple[str, ...] = (), env_set: Mapping[Atom, Term] = _NO_ENV,
+                 env_unset: tuple[Atom, ...] = (), depends_on: tuple[str, ...] = ()) -> None:
+        if not isinstance(kind, ActionKind):
+            raise ValueError(f"action kind {kind!r} is not an ActionKind")
+        if modules and kind is not ActionKind.RELOAD:
+            raise ValueError(f"{kind.value} action for {app!r} lists modules")
+        if (env_set or env_unset) and kind not in _ENV_KINDS:
+            raise ValueError(f"{kind.value} action for {app!r} changes env")
+        # Checked before any field is set: an invalid action never exists, even half-made.
+        vars(self).update(kind=kind, app=app, version=version, old_version=old_version,
+                          isolation=isolation, old_isolation=old_isolation, reasons=reasons,
+                          modules=modules, env_set=dict(env_set), env_unset=env_unset,
+                          depends_on=depends_on)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form; env values in the tagged form and as Erlang source."""
@@ -149,7 +164,9 @@ def _restart_reasons(old: AppEntry, new: AppEntry) -> list[str]:
         moved_ref = replace(old.source, ref=new.source.ref)
         if old.version == new.version or not moved_ref.same_spec(new.source):
             reasons.append("source changed")
-    if set(old.closure) - {old.output} != set(new.closure) - {new.output}:
+    # Equal tuples are equal sets: the sets are built only when the closures differ.
+    if (old.closure != new.closure
+            and set(old.closure) - {old.output} != set(new.closure) - {new.output}):
         reasons.append("dependency closure changed")
     if old.mcid != new.mcid:
         if old.resources != new.resources:
@@ -192,41 +209,83 @@ def _runs_new_build(state: RunningState | None, old: AppEntry | None, new: AppEn
             and (old is None or old.output != new.output))
 
 
-def _app_action(old: AppEntry | None, new: AppEntry, state: RunningState | None,
-                check_running: bool) -> Action:
-    base = Action(ActionKind.KEEP, new.name, new.version,
-                  old.version if old is not None else None, new.isolation,
-                  old.isolation if old is not None else None, depends_on=new.depends_on)
+def _action(kind: ActionKind, old: AppEntry | None, new: AppEntry, reasons: tuple[str, ...],
+            modules: tuple[str, ...] = (), env_set: Mapping[Atom, Term] = _NO_ENV,
+            env_unset: tuple[Atom, ...] = ()) -> Action:
+    # Positional: the plan builds one action per app and keyword passing costs more.
+    return Action(kind, new.name, new.version, None if old is None else old.version,
+                  new.isolation, None if old is None else old.isolation, reasons, modules,
+                  env_set, env_unset, new.depends_on)
+
+
+def _same_env(old: Mapping[Atom, Term], new: Mapping[Atom, Term]) -> bool:
+    """Whether :func:`_env_diff` would find nothing to set or unset.
+
+    An app's env is stored in canonical key order, so equal envs pair up item by item
+    without a lookup (hashing an :class:`Atom` runs Python code); envs that do not pair
+    up are reported as different, which only sends them the long way.
+    """
+    if len(old) != len(new):
+        return False
+    for (old_key, old_value), (key, value) in zip(old.items(), new.items(), strict=True):
+        if old_key.name != key.name or not exactly_equal(old_value, value):
+            return False
+    return True
+
+
+def _unchanged_action(old: AppEntry, new: AppEntry, state: RunningState | None,
+                      check_running: bool) -> Action | None:
+    """The action for an app whose entry did not change, or ``None`` if it changed.
+
+    Most apps of a switch are unchanged (a 50-app generation with one app bumped), and
+    for them the full rules reduce to "keep, unless what runs drifted": the same build
+    cannot already run as a *new* build, there is no restart reason, no changed module,
+    no env change and no note. This answers that with one comparison and skips the diff
+    work; ``test_unchanged_fast_path_matches_full_rules`` holds it to :func:`_full_action`.
+    """
+    # AppEntry equality covers every field the rules read (origin/commit are not compared
+    # and the rules ignore them); env needs =:= on top, as == takes 1 for 1.0.
+    if old != new or not _same_env(old.env, new.env):
+        return None
+    drift = _drift(state, old) if check_running else None
+    if drift is None:
+        return _action(ActionKind.KEEP, old, new, ())
+    return _action(drift[0], old, new, (drift[1],))
+
+
+def _full_action(old: AppEntry | None, new: AppEntry, state: RunningState | None,
+                 check_running: bool) -> Action:
+    """The action for one app by the rules of the module docstring (any change)."""
     already = check_running and _runs_new_build(state, old, new)
     if old is None:
         if already:
-            return replace(base, reasons=("new app, already running",))
-        return replace(base, kind=ActionKind.START, reasons=("new app",))
+            return _action(ActionKind.KEEP, old, new, ("new app, already running",))
+        return _action(ActionKind.START, old, new, ("new app",))
     env_set, env_unset = _env_diff(old, new)
     env_note = [f"env: set {', '.join(k.name for k in env_set)}"] if env_set else []
     env_note += [f"env: unset {', '.join(k.name for k in env_unset)}"] if env_unset else []
     if already:
         # Setting env is idempotent, so it is done again; the code is not touched.
         if env_set or env_unset:
-            return replace(base, kind=ActionKind.RECONFIGURE, env_set=env_set,
-                           env_unset=env_unset,
-                           reasons=("already running the new build", *env_note))
-        return replace(base, reasons=("already running the new build",))
+            return _action(ActionKind.RECONFIGURE, old, new,
+                           ("already running the new build", *env_note),
+                           env_set=env_set, env_unset=env_unset)
+        return _action(ActionKind.KEEP, old, new, ("already running the new build",))
     reasons = _restart_reasons(old, new)
     drift = _drift(state, old) if check_running else None
     if drift is not None and drift[0] is ActionKind.START:
-        return replace(base, kind=ActionKind.START, reasons=(drift[1], *reasons))
+        return _action(ActionKind.START, old, new, (drift[1], *reasons))
     if reasons or drift is not None:
-        return replace(base, kind=ActionKind.RESTART,
-                       reasons=(*reasons, *([drift[1]] if drift else [])))
+        return _action(ActionKind.RESTART, old, new,
+                       (*reasons, *([drift[1]] if drift else [])))
     modules = _changed_modules(old, new)
     if modules:
-        return replace(base, kind=ActionKind.RELOAD, modules=modules, env_set=env_set,
-                       env_unset=env_unset,
-                       reasons=(f"{len(modules)} module(s) changed", *env_note))
+        return _action(ActionKind.RELOAD, old, new,
+                       (f"{len(modules)} module(s) changed", *env_note),
+                       modules=modules, env_set=env_set, env_unset=env_unset)
     if env_set or env_unset:
-        return replace(base, kind=ActionKind.RECONFIGURE, env_set=env_set,
-                       env_unset=env_unset, reasons=tuple(env_note))
+        return _action(ActionKind.RECONFIGURE, old, new, tuple(env_note),
+                       env_set=env_set, env_unset=env_unset)
     notes = []
     if old.output != new.output:
         notes.append("rebuilt, byte-identical")
@@ -234,7 +293,35 @@ def _app_action(old: AppEntry | None, new: AppEntry, state: RunningState | None,
         notes.append("health check changed")
     if old.depends_on != new.depends_on:
         notes.append("depends_on changed")
-    return replace(base, reasons=tuple(notes))
+    return _action(ActionKind.KEEP, old, new, tuple(notes))
+
+
+def _app_action(old: AppEntry | None, new: AppEntry, state: RunningState | None,
+                check_running: bool) -> Action:
+    if old is not None:
+        unchanged = _unchanged_action(old, new, state, check_running)
+        if unchanged is not None:
+            return unchanged
+    return _full_action(old, new, state, check_running)
+
+
+#: ``dependency_order`` results by what it reads: each app's name and ``depends_on``.
+_ORDERS: dict[tuple[tuple[str, tuple[str, ...]], ...], tuple[str, ...]] = {}
+#: Past this many dependency structures the memo starts over (a handful is typical).
+_MAX_ORDERS = 16
+
+
+def _dependency_order(manifest: GenerationManifest) -> tuple[str, ...]:
+    """:func:`dependency_order`, remembered: ordering 50 apps costs as much as planning
+    them, and successive generations nearly always share their dependency structure."""
+    key = tuple((name, app.depends_on) for name, app in manifest.apps.items())
+    order = _ORDERS.get(key)
+    if order is None:
+        order = tuple(dependency_order(manifest))
+        if len(_ORDERS) >= _MAX_ORDERS:
+            _ORDERS.clear()
+        _ORDERS[key] = order
+    return order
 
 
 def plan(old: GenerationManifest | None, new: GenerationManifest,
@@ -251,9 +338,10 @@ def plan(old: GenerationManifest | None, new: GenerationManifest,
     check = running is not None
     states: Mapping[str, RunningState] = running or {}
     stops: list[Action] = []
-    gone = [n for n in old_apps if n not in new.apps]
-    if old is not None:
-        for name in reversed(dependency_order(old)):
+    gone = {n for n in old_apps if n not in new.apps}
+    # Ordering the old generation costs as much as the rest of a plan: only when needed.
+    if old is not None and gone:
+        for name in reversed(_dependency_order(old)):
             if name in gone:
                 app = old_apps[name]
                 stops.append(Action(ActionKind.STOP, name, app.version, app.version,
@@ -267,7 +355,7 @@ def plan(old: GenerationManifest | None, new: GenerationManifest,
                             states[name].version, reasons=("running but not in the generation"
                                                            " (drift)",)))
     rest = [_app_action(old_apps.get(n), new.apps[n], states.get(n), check)
-            for n in dependency_order(new)]
+            for n in _dependency_order(new)]
     return stops + rest
 
 
