@@ -5,6 +5,7 @@ run in order, and the first failing one is reported as that operation alone woul
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,13 @@ def test_restart_app_stops_loads_sets_env_and_starts(client: AgentClient,
     assert pid_after != pid_before
     assert client.module_md5s("bstest")["bstest_srv"] not in (None, md5_before)
     assert str(app.ebin) in client.get_path()
+    # The replaced code is purged once the reply is out (nothing of the stopped app
+    # runs it), so the next restart's load has no old code to purge first.
+    deadline = time.monotonic() + 10
+    while client.old_code(["bstest_srv", "bstest_sup"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.old_code(["bstest_srv", "bstest_sup"]) == []
+
 
 
 @pytest.mark.parametrize(("ebins", "modules", "op", "text"), [

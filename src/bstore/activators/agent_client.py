@@ -417,7 +417,8 @@ class AgentClient:
         already stopped/unloaded is fine), ``del_path`` of ``old_ebin``, ``add_patha`` of
         ``ebins`` (the first ends up first), ``load_module`` of ``modules`` (name ->
         ``.beam``), ``app_load``, ``set_env`` of ``env``, ``app_ensure_all_started``.
-        Returns the applications started. The first failing step raises what that
+        Returns the applications started; once it has answered, the agent purges the
+        code the new modules replaced (soft). The first failing step raises what that
         operation alone would have (its op name and reason; lingering processes as
         :class:`LingeringProcessesError`); the steps before it stay done."""
         old: AnyTerm = Atom("undefined") if old_ebin is None else _path_term(old_ebin)
@@ -434,6 +435,13 @@ class AgentClient:
                 raise self._op_error(step[1].name, step[2]) from exc
             raise
         return [_text(a) for a in result] if isinstance(result, list) else []
+
+    def old_code(self, modules: Iterable[str]) -> list[str]:
+        """The ``modules`` that still have old code loaded (``erlang:check_old_code/1``)."""
+        result = self._call_interned("old_code", [Atom(m) for m in modules])
+        if not isinstance(result, list):
+            raise AgentProtocolError(self.socket_path, "old_code", format_term(result))
+        return [_text(m) for m in result]
 
     def app_running(self, app: str) -> str | None:
         """The version of ``app`` when it runs in the node, None when it does not

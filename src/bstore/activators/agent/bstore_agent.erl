@@ -194,7 +194,7 @@ ops() ->
      {reconfigure, [3]}, {suspend, [1, 2]}, {resume, [1]}, {change_code, [4]},
      {reload, [3]}, {process_info, [1]}, {stop_node, [0]}, {health_check, [3]},
      {nodes, [0]}, {connect_node, [1]}, {restart_app, [5]},
-     {app_running, [1]}].
+     {app_running, [1]}, {old_code, [1]}].
 
 op(ping, []) ->
     {ok, pong};
@@ -272,12 +272,18 @@ op(restart_app, [App, OldEbin, Ebins, ModPaths, Env])
     case run_steps(Steps) of
         ok ->
             case application:ensure_all_started(App) of
-                {ok, Started} -> {ok, Started};
-                {error, Reason} -> {error, {step, app_ensure_all_started, Reason}}
+                {ok, Started} ->
+                    purge_replaced([M || {M, _} <- ModPaths]),
+                    {ok, Started};
+                {error, Reason} ->
+                    {error, {step, app_ensure_all_started, Reason}}
             end;
         Error ->
             Error
     end;
+%% The modules (of the given ones) that still have old code loaded.
+op(old_code, [Mods]) when is_list(Mods) ->
+    {ok, [M || M <- Mods, is_atom(M), erlang:check_old_code(M)]};
 %% The version of App when it runs, false when it does not (which_applications for one).
 op(app_running, [App]) when is_atom(App) ->
     case lists:keyfind(App, 1, application:which_applications()) of
@@ -376,6 +382,16 @@ config_changed(ok) -> {ok, ok}.
 
 is_module_not_defined({module_not_defined, _App}) -> true;
 is_module_not_defined(_) -> false.
+
+%% After a restart the replaced code is old, and nothing runs it: the app was stopped
+%% before the load. Purging it now (soft: a process of another app still inside it keeps
+%% it, and the next switch reports that process) frees it, and takes the purge out of the
+%% next restart of these modules, where it would lengthen the app's downtime. A process
+%% of its own: the reply does not wait for it.
+purge_replaced([]) -> ok;
+purge_replaced(Mods) ->
+    spawn(fun() -> lists:foreach(fun code:soft_purge/1, Mods) end),
+    ok.
 
 run_steps([]) -> ok;
 run_steps([Step | Rest]) ->
