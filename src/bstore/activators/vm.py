@@ -561,9 +561,12 @@ class VmActivator(Activator):
 
     def current_state(self) -> Mapping[str, RunningState]:
         """Each VM app: running (with cluster connection), stopped, or failed (why)."""
+        known = self.known_apps()
+        if not known:
+            return {}  # no question to the host node for a profile without VMs
         connected = self._connected_nodes()
         out: dict[str, RunningState] = {}
-        for app in self.known_apps():
+        for app in known:
             guest = self.guest(app)
             entry = _read_entry(guest)
             state = VmState.read(guest.state_file)
