@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import enum
 import shutil
 import struct
 import subprocess
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -306,6 +308,31 @@ def _deep(levels: int) -> bytes:
         (bytes([131, 80, 255, 255, 255, 255]) + zlib.compress(b"x"), "over the limit"),
         (bytes([131, 80, 0, 0, 0, 1]) + b"garbage", "corrupt compressed term"),
         (bytes([131, 80, 0, 0, 0, 1]) + zlib.compress(b"\x6a") + b"x", "does not inflate"),
+        # Every header the decoder reads inline, cut short.
+        (bytes([131, 119]), "truncated: need 1 bytes, 0 left at byte 2"),
+        (bytes([131, 119, 2, 0xC3]), "truncated: need 2 bytes, 1 left at byte 3"),
+        (bytes([131, 119, 2, 0xC3, 0x28]), "atom is not valid UTF-8 at byte 1"),
+        (bytes([131, 109, 0, 0]), "truncated: need 4 bytes, 2 left at byte 2"),
+        (bytes([131, 98, 0, 0]), "truncated: need 4 bytes, 2 left at byte 2"),
+        (bytes([131, 70, 0, 0]), "truncated: need 8 bytes, 2 left at byte 2"),
+        (bytes([131, 107, 0]), "truncated: need 2 bytes, 1 left at byte 2"),
+        (bytes([131, 104]), "truncated: need 1 bytes, 0 left at byte 2"),
+        (
+            bytes([131, 104, 3, 97]),
+            "tuple of 3 elements is longer than the remaining input at byte 3",
+        ),
+        (bytes([131, 108, 0, 0, 0, 2, 97, 1]), "list of 3 elements is longer than the remaining"),
+        (bytes([131, 104, 2, 97, 1]), "truncated: need 1 bytes, 0 left at byte 5"),
+        # A duplicate inside a nested map is named where that key began, and the outer map
+        # is checked after its inner one is complete.
+        (
+            bytes([131, 116, 0, 0, 0, 1, 119, 1, 97, 116, 0, 0, 0, 2, 97, 1, 106, 97, 1, 106]),
+            "duplicate map key 1 at byte 17",
+        ),
+        (
+            bytes([131, 116, 0, 0, 0, 2, 119, 1, 97, 116, 0, 0, 0, 0, 119, 1, 97, 106]),
+            "duplicate map key Atom(name='a') at byte 14",
+        ),
     ],
 )
 def test_hostile_binaries_are_rejected(data: bytes, message: str) -> None:
@@ -324,6 +351,123 @@ def test_limits_are_configurable() -> None:
         decode(many_nils, max_terms=100)
     assert decode(many_nils) == [[]] * 1000
     assert decode(_deep(300), max_depth=400) is not None
+
+
+@pytest.mark.parametrize(
+    ("data", "limits", "message"),
+    [
+        # max_terms counts every term where it is reached: a container's own count is
+        # checked against what is left when its header is read ...
+        (
+            bytes([131, 104, 2, 104, 2, 97, 1, 97, 2, 97, 3]),
+            {"max_terms": 3},
+            "tuple of 2 elements exceeds the term count limit at byte 5",
+        ),
+        (bytes([131, 107, 0, 3, 1, 2, 3]), {"max_terms": 3}, "string of 3 elements exceeds"),
+        # ... and a later sibling fails where it starts.
+        (
+            bytes([131, 104, 2, 104, 1, 97, 1, 97, 2]),
+            {"max_terms": 3},
+            "too many terms (limit reached) at byte 7",
+        ),
+        (bytes([131, 106]), {"max_terms": 0}, "too many terms (limit reached) at byte 1"),
+        # Depth is that of the first item too deep, named where it starts; an empty
+        # container has none.
+        (
+            bytes([131, 104, 1, 104, 1, 106]),
+            {"max_depth": 1},
+            "nested deeper than the limit of 1 at byte 5",
+        ),
+        (bytes([131, 116, 0, 0, 0, 1, 106, 106]), {"max_depth": 0}, "limit of 0 at byte 6"),
+        (bytes([131, 106]), {"max_depth": -1}, "nested deeper than the limit of -1 at byte 1"),
+    ],
+)
+def test_limits_name_the_term_that_crosses_them(
+    data: bytes, limits: dict[str, int], message: str
+) -> None:
+    with pytest.raises(EtfDecodeError) as info:
+        decode(data, **limits)
+    assert message in str(info.value)
+
+
+def test_empty_containers_need_no_depth() -> None:
+    assert decode(bytes([131, 104, 0]), max_depth=0) == ()
+    assert decode(bytes([131, 116, 0, 0, 0, 0]), max_depth=0) == {}
+
+
+def test_depth_is_bounded_only_by_max_depth() -> None:
+    # The decoder keeps its own stack: nesting far past Python's recursion limit is a
+    # matter of max_depth alone.
+    levels = 50_000
+    term = decode(_deep(levels), max_depth=levels)
+    for _ in range(levels):
+        assert isinstance(term, tuple) and len(term) == 1
+        term = term[0]
+    assert term == []
+    with pytest.raises(EtfDecodeError, match=f"limit of {levels - 1} at byte {2 * levels + 1}"):
+        decode(_deep(levels), max_depth=levels - 1)
+
+
+def test_atoms_shared_between_decodes_keep_their_encoding() -> None:
+    # The same bytes are a different atom in UTF-8 and in Latin-1: decoding one must not
+    # hand out the other.
+    raw = "é".encode()
+    assert decode(bytes([131, 119, 2]) + raw) == Atom("é")
+    assert decode(bytes([131, 115, 2]) + raw) == Atom("Ã©")
+    assert decode(bytes([131, 100, 0, 2]) + raw) == Atom("Ã©")
+    assert decode(bytes([131, 118, 0, 2]) + raw) == Atom("é")
+    # An atom that failed its checks is not remembered as good.
+    too_long = "é" * 256
+    with pytest.raises(EtfDecodeError, match="atom of 256 characters"):
+        decode(bytes([131, 118]) + struct.pack(">H", 512) + too_long.encode())
+    with pytest.raises(EtfDecodeError, match="atom of 256 characters"):
+        decode(bytes([131, 118]) + struct.pack(">H", 512) + too_long.encode())
+
+
+class _Op(enum.IntEnum):
+    PING = 1
+
+
+class _Pair(NamedTuple):
+    left: VmTerm
+    right: VmTerm
+
+
+def test_subclasses_encode_as_their_base_type() -> None:
+    assert encode([_Op.PING, 300]) == encode([1, 300])
+    assert encode(_Pair(Atom("a"), b"b")) == encode((Atom("a"), b"b"))
+    assert decode(encode([_Op.PING])) == [1]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ((1, True), "True has no Erlang counterpart"),
+        ([1, False], "False has no Erlang counterpart"),
+        ({Atom("k"): None}, "None has no Erlang counterpart"),
+        ((Atom("ok"), float("nan")), "float nan cannot be represented"),
+        (Atom("\udc80"), "atom '\\udc80' is not valid Unicode"),
+        ([Atom("x" * 300)], "has 300 characters; Erlang allows 255"),
+    ],
+)
+def test_unencodable_values_inside_containers(value: object, message: str) -> None:
+    with pytest.raises(EtfEncodeError) as info:
+        encode(value)
+    assert message in str(info.value)
+
+
+def test_encoding_depth_is_bounded_only_by_its_limit() -> None:
+    # The encoder keeps its own stack: 2000 levels encode, past Python's recursion limit.
+    term: VmTerm = []
+    for _ in range(2000):
+        term = [term]
+    back = decode(encode(term), max_depth=2000)
+    for _ in range(2000):
+        assert isinstance(back, list) and len(back) == 1
+        back = back[0]
+    assert back == []
+    with pytest.raises(EtfEncodeError, match="nested deeper than 2000 levels"):
+        encode((term,))
 
 
 def test_compressed_and_old_encodings_are_read() -> None:

@@ -27,10 +27,12 @@ long-removed ``FUN_EXT`` are rejected.
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 import zlib
-from typing import cast
+from collections.abc import Iterator, Sequence
+from typing import Any, cast
 
 from bstore.activators.vmterms import (
     MAX_REF_WORDS,
@@ -120,6 +122,28 @@ class EtfDecodeError(EtfError):
 
 # ---------------------------------------------------------------------------- encoding
 
+# Nothing bstore sends is remotely this deep; Erlang itself has no limit.
+_MAX_ENCODE_DEPTH = 10 * DEFAULT_MAX_DEPTH
+
+# Compiled once: struct.pack(format, ...) looks the format up again on every call.
+_pack_u32_head = struct.Struct(">BI").pack
+_pack_i32_head = struct.Struct(">Bi").pack
+_pack_u16_head = struct.Struct(">BH").pack
+_pack_float = struct.Struct(">Bd").pack
+# Prebuilt SMALL_INTEGER_EXT 0..255 (request ids, ops, counts) and SMALL_TUPLE_EXT headers.
+_SMALL_INT_ETF = [bytes([SMALL_INTEGER_EXT, i]) for i in range(256)]
+_SMALL_TUPLE_HEAD = [bytes([SMALL_TUPLE_EXT, n]) for n in range(256)]
+# A list of nothing but these types may be a STRING_EXT.
+_INT_ONLY = frozenset({int})
+# A map is encoded as its keys and values, alternating.
+_flatten = itertools.chain.from_iterable
+
+# Encoded atoms by name: the control channel sends the same few dozen atoms (ops, app
+# names, ok/error) over and over. Bounded because atom names may come from user input;
+# keyed by the name because Atom's dataclass __hash__ is a Python-level call.
+_ATOM_ETF: dict[str, bytes] = {}
+_ATOM_CACHE_MAX = 4096
+
 
 def encode(term: AnyTerm) -> bytes:
     """Encode ``term`` as ETF (with the leading version byte 131).
@@ -128,93 +152,177 @@ def encode(term: AnyTerm) -> bytes:
     ``None``, ``str``, NaN/infinity, an :class:`ImproperList` with no items or a list tail).
     """
     out = bytearray([VERSION])
-    _encode_into(out, term, 0)
-    return bytes(out)
+    # One loop over an explicit stack rather than a call per value: calls were most of the
+    # time, and nesting is then bounded by _MAX_ENCODE_DEPTH, not by Python's recursion
+    # limit. `items` iterates the innermost open container; `close` is written after it
+    # (NIL_EXT after a list's elements); the outer ones wait on `stack`.
+    stack: list[tuple[Iterator[Any], bytes]] = []
+    items: Iterator[Any] = iter((term,))
+    close = b""
+    inner: Sequence[Any]
+    while True:
+        for item in items:
+            # Exact types first: the leaves and containers nearly every term is made of.
+            # Everything else (bool, None, subclasses, maps, VM values) takes the checked
+            # isinstance path in _encode_other.
+            cls = type(item)
+            if cls is Atom:
+                out += _ATOM_ETF.get(item.name) or _atom_etf(item.name)
+                continue
+            if cls is bytes:
+                out += _pack_u32_head(BINARY_EXT, len(item))
+                out += item
+                continue
+            if cls is int:
+                if 0 <= item < 256:
+                    out += _SMALL_INT_ETF[item]
+                elif -(1 << 31) <= item < 1 << 31:
+                    out += _pack_i32_head(INTEGER_EXT, item)
+                else:
+                    _encode_int(out, item)
+                continue
+            if cls is tuple:
+                n = len(item)
+                out += _SMALL_TUPLE_HEAD[n] if n < 256 else _pack_u32_head(LARGE_TUPLE_EXT, n)
+                inner, inner_close = item, b""
+            elif cls is list:
+                inner, inner_close = _list_head(out, item)
+            elif cls is dict:
+                out += _pack_u32_head(MAP_EXT, len(item))
+                inner, inner_close = list(_flatten(item.items())), b""
+            elif cls is float:
+                _encode_float(out, item)
+                continue
+            else:
+                inner, inner_close = _encode_other(out, item)
+            if inner:
+                if len(stack) >= _MAX_ENCODE_DEPTH:
+                    raise EtfEncodeError(f"term nested deeper than {_MAX_ENCODE_DEPTH} levels")
+                stack.append((items, close))
+                items, close = iter(inner), inner_close
+                break
+        else:
+            out += close
+            if not stack:
+                return bytes(out)
+            items, close = stack.pop()
 
 
-def _encode_atom(out: bytearray, name: str) -> None:
+def _atom_etf(name: str) -> bytes:
+    """The whole encoding of atom ``name`` (tag, length, UTF-8), through the cache."""
+    cached = _ATOM_ETF.get(name)
+    if cached is not None:
+        return cached
     if len(name) > MAX_ATOM_CHARS:
         raise EtfEncodeError(
             f"atom {name[:40]!r}... has {len(name)} characters; Erlang allows {MAX_ATOM_CHARS}"
         )
-    raw = name.encode("utf-8")
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EtfEncodeError(f"atom {name!r} is not valid Unicode (lone surrogate)") from exc
     if len(raw) < 256:
-        out += bytes([SMALL_ATOM_UTF8_EXT, len(raw)])
+        encoded = bytes([SMALL_ATOM_UTF8_EXT, len(raw)]) + raw
     else:
-        out += struct.pack(">BH", ATOM_UTF8_EXT, len(raw))
-    out += raw
+        encoded = _pack_u16_head(ATOM_UTF8_EXT, len(raw)) + raw
+    if len(_ATOM_ETF) >= _ATOM_CACHE_MAX:
+        _ATOM_ETF.clear()
+    _ATOM_ETF[name] = encoded
+    return encoded
 
 
 def _encode_int(out: bytearray, value: int) -> None:
     if 0 <= value < 256:
-        out += bytes([SMALL_INTEGER_EXT, value])
+        out += _SMALL_INT_ETF[value]
     elif -(1 << 31) <= value < 1 << 31:
-        out += struct.pack(">Bi", INTEGER_EXT, value)
+        out += _pack_i32_head(INTEGER_EXT, value)
     else:
         magnitude = abs(value)
         digits = magnitude.to_bytes((magnitude.bit_length() + 7) // 8, "little")
         if len(digits) < 256:
             out += bytes([SMALL_BIG_EXT, len(digits)])
         else:
-            out += struct.pack(">BI", LARGE_BIG_EXT, len(digits))
+            out += _pack_u32_head(LARGE_BIG_EXT, len(digits))
         out.append(1 if value < 0 else 0)
         out += digits
 
 
-def _encode_into(out: bytearray, term: object, depth: int) -> None:
-    # Deep Python structures would overflow the interpreter stack; Erlang has no such
-    # limit, but nothing bstore sends is remotely this deep.
-    if depth > 10 * DEFAULT_MAX_DEPTH:
-        raise EtfEncodeError(f"term nested deeper than {10 * DEFAULT_MAX_DEPTH} levels")
+def _encode_float(out: bytearray, value: float) -> None:
+    if not math.isfinite(value):
+        raise EtfEncodeError(f"float {value!r} cannot be represented in Erlang")
+    out += _pack_float(NEW_FLOAT_EXT, value)
+
+
+# The items a container's header announces and what closes it: encode() goes on with them.
+_Inner = tuple[Sequence[Any], bytes]
+_LEAF: _Inner = ((), b"")
+_NIL = bytes([NIL_EXT])
+
+
+def _list_head(out: bytearray, items: list[Any]) -> _Inner:
+    if not items:
+        out.append(NIL_EXT)
+        return _LEAF
+    # Same choice as term_to_binary: a short list of bytes travels as STRING_EXT. The
+    # type test is exact (a bool is an int); bytes() then does the range test, both at C
+    # speed.
+    if len(items) < 65536 and type(items[0]) is int and _INT_ONLY.issuperset(map(type, items)):
+        try:
+            chars = bytes(items)
+        except ValueError:
+            pass
+        else:
+            out += _pack_u16_head(STRING_EXT, len(items))
+            out += chars
+            return _LEAF
+    out += _pack_u32_head(LIST_EXT, len(items))
+    return items, _NIL
+
+
+def _encode_other(out: bytearray, term: object) -> _Inner:
+    """Encode any value but the exact types encode() handles inline (or raise)."""
     if isinstance(term, bool) or term is None:
         raise EtfEncodeError(
             f"{term!r} has no Erlang counterpart", hint="use Atom('true'), Atom('undefined')..."
         )
     if isinstance(term, Atom):
-        _encode_atom(out, term.name)
+        out += _atom_etf(term.name)
     elif isinstance(term, bytes):
-        out += struct.pack(">BI", BINARY_EXT, len(term))
+        out += _pack_u32_head(BINARY_EXT, len(term))
         out += term
     elif isinstance(term, int):
         _encode_int(out, term)
     elif isinstance(term, float):
-        if not math.isfinite(term):
-            raise EtfEncodeError(f"float {term!r} cannot be represented in Erlang")
-        out += struct.pack(">Bd", NEW_FLOAT_EXT, term)
+        _encode_float(out, term)
     elif isinstance(term, tuple):
         if len(term) < 256:
-            out += bytes([SMALL_TUPLE_EXT, len(term)])
+            out += _SMALL_TUPLE_HEAD[len(term)]
         else:
-            out += struct.pack(">BI", LARGE_TUPLE_EXT, len(term))
-        for item in term:
-            _encode_into(out, item, depth + 1)
+            out += _pack_u32_head(LARGE_TUPLE_EXT, len(term))
+        return term, b""
     elif isinstance(term, list):
-        _encode_list(out, term, depth)
+        return _list_head(out, term)
     elif isinstance(term, ImproperList):
         if not term.items:
             raise EtfEncodeError(f"improper list {term!r} has no items before its tail")
         if isinstance(term.tail, list):
             raise EtfEncodeError(f"improper list {term!r} has a list tail; use a plain list")
-        out += struct.pack(">BI", LIST_EXT, len(term.items))
-        for item in term.items:
-            _encode_into(out, item, depth + 1)
-        _encode_into(out, term.tail, depth + 1)
+        out += _pack_u32_head(LIST_EXT, len(term.items))
+        return (*term.items, term.tail), b""
     elif isinstance(term, dict):
-        out += struct.pack(">BI", MAP_EXT, len(term))
-        for key, value in term.items():
-            _encode_into(out, key, depth + 1)
-            _encode_into(out, value, depth + 1)
+        out += _pack_u32_head(MAP_EXT, len(term))
+        return list(_flatten(term.items())), b""
     elif isinstance(term, Pid):
         out.append(NEW_PID_EXT)
-        _encode_atom(out, term.node.name)
+        out += _atom_etf(term.node.name)
         out += struct.pack(">III", term.id, term.serial, term.creation)
     elif isinstance(term, Port):
         out.append(V4_PORT_EXT)
-        _encode_atom(out, term.node.name)
+        out += _atom_etf(term.node.name)
         out += struct.pack(">QI", term.id, term.creation)
     elif isinstance(term, Reference):
-        out += struct.pack(">BH", NEWER_REFERENCE_EXT, len(term.words))
-        _encode_atom(out, term.node.name)
+        out += _pack_u16_head(NEWER_REFERENCE_EXT, len(term.words))
+        out += _atom_etf(term.node.name)
         out += struct.pack(f">I{len(term.words)}I", term.creation, *term.words)
     elif isinstance(term, Fun):
         out += term.raw
@@ -226,21 +334,7 @@ def _encode_into(out: bytearray, term: object, depth: int) -> None:
             f"{type(term).__name__} value {term!r} has no Erlang counterpart",
             hint="strings are binaries (bytes) or lists of character codes",
         )
-
-
-def _encode_list(out: bytearray, items: list[object], depth: int) -> None:
-    if not items:
-        out.append(NIL_EXT)
-        return
-    # Same choice as term_to_binary: a short list of bytes travels as STRING_EXT.
-    if len(items) < 65536 and all(type(i) is int and 0 <= i < 256 for i in items):
-        out += struct.pack(">BH", STRING_EXT, len(items))
-        out += bytes(cast(list[int], items))
-        return
-    out += struct.pack(">BI", LIST_EXT, len(items))
-    for item in items:
-        _encode_into(out, item, depth + 1)
-    out.append(NIL_EXT)
+    return _LEAF
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -302,7 +396,26 @@ def _decompress(data: bytes, max_size: int, source: str) -> bytes:
     return plain
 
 
+_unpack_u16 = struct.Struct(">H").unpack_from
+_unpack_u32 = struct.Struct(">I").unpack_from
+_unpack_i32 = struct.Struct(">i").unpack_from
+_unpack_f64 = struct.Struct(">d").unpack_from
+
+# Decoded atoms by their UTF-8 bytes, shared between decodes: the agent's replies name the
+# same atoms (app names, ok, undefined) every time, and building the frozen dataclass costs
+# more than reading the rest of a small tuple. Only atoms that passed every check go in;
+# bounded (cleared when full) so a hostile node cannot grow it. Atoms are immutable values,
+# so sharing one between callers is safe.
+_ATOMS: dict[bytes, Atom] = {}
+
+# An open container while decoding (see _Decoder.term): its items so far, how many terms
+# it still needs, and its tag.
+_Frame = tuple[list[VmTerm], int, int]
+
+
 class _Decoder:
+    __slots__ = ("data", "max_depth", "pos", "source", "terms_left")
+
     def __init__(self, data: bytes, pos: int, max_depth: int, max_terms: int, source: str) -> None:
         self.data = data
         self.pos = pos
@@ -313,17 +426,32 @@ class _Decoder:
     def fail(self, what: str, at: int | None = None) -> EtfDecodeError:
         return EtfDecodeError(f"{self.source}: {what} at byte {self.pos if at is None else at}")
 
+    def truncated(self, at: int, n: int) -> EtfDecodeError:
+        return self.fail(f"truncated: need {n} bytes, {len(self.data) - at} left", at)
+
+    def count_error(self, n: int, min_bytes_each: int, what: str, at: int) -> EtfDecodeError:
+        """Why ``n`` items of ``min_bytes_each`` bytes cannot follow at ``at``."""
+        if n * min_bytes_each > len(self.data) - at:
+            return self.fail(f"{what} of {n} elements is longer than the remaining input", at)
+        return self.fail(f"{what} of {n} elements exceeds the term count limit", at)
+
+    def count(self, n: int, min_bytes_each: int, what: str) -> int:
+        """Check that ``n`` items of at least ``min_bytes_each`` bytes can still follow."""
+        if n * min_bytes_each > len(self.data) - self.pos or n > self.terms_left:
+            raise self.count_error(n, min_bytes_each, what, self.pos)
+        return n
+
     def take(self, n: int) -> bytes:
-        if n > len(self.data) - self.pos:
-            raise self.fail(f"truncated: need {n} bytes, {len(self.data) - self.pos} left")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
+        pos = self.pos
+        if n > len(self.data) - pos:
+            raise self.truncated(pos, n)
+        self.pos = pos + n
+        return self.data[pos : pos + n]
 
     def u8(self) -> int:
         pos = self.pos
         if pos >= len(self.data):
-            raise self.fail("truncated: need 1 bytes, 0 left")
+            raise self.truncated(pos, 1)
         self.pos = pos + 1
         return self.data[pos]
 
@@ -332,14 +460,6 @@ class _Decoder:
 
     def u32(self) -> int:
         return int.from_bytes(self.take(4), "big")
-
-    def count(self, n: int, min_bytes_each: int, what: str) -> int:
-        """Check that ``n`` items of at least ``min_bytes_each`` bytes can still follow."""
-        if n * min_bytes_each > len(self.data) - self.pos:
-            raise self.fail(f"{what} of {n} elements is longer than the remaining input")
-        if n > self.terms_left:
-            raise self.fail(f"{what} of {n} elements exceeds the term count limit")
-        return n
 
     def atom(self, depth: int) -> Atom:
         term = self.term(depth)
@@ -353,26 +473,214 @@ class _Decoder:
             raise self.fail(f"expected an integer, found {type(term).__name__}")
         return term
 
+    def new_atom(self, raw: bytes, tag: int, start: int) -> Atom:
+        """Check and build the atom ``raw`` of the atom tag ``tag`` at ``start``."""
+        if tag in (ATOM_EXT, SMALL_ATOM_EXT):
+            name = raw.decode("latin-1")
+        else:
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise self.fail("atom is not valid UTF-8", start) from exc
+        if len(name) > MAX_ATOM_CHARS:
+            raise self.fail(f"atom of {len(name)} characters (limit {MAX_ATOM_CHARS})", start)
+        atom = Atom(name)
+        if tag in (ATOM_UTF8_EXT, SMALL_ATOM_UTF8_EXT):
+            if len(_ATOMS) >= _ATOM_CACHE_MAX:
+                _ATOMS.clear()
+            _ATOMS[raw] = atom
+        return atom
+
+    def container_header(self, tag: int, pos: int, left: int) -> tuple[int, int]:
+        """Read the LARGE_TUPLE_EXT, LIST_EXT or MAP_EXT header whose tag is at ``pos``.
+
+        Returns how many terms follow (a list's elements and its tail, a map's keys and
+        values) and the offset after the header, once both limits allow that many.
+        """
+        data = self.data
+        if pos + 5 > len(data):
+            raise self.truncated(pos + 1, 4)
+        n: int = _unpack_u32(data, pos + 1)[0]
+        after = pos + 5
+        if tag == LIST_EXT:
+            if n == 0:
+                raise self.fail("LIST_EXT with no elements (an empty list is NIL_EXT)", pos)
+            # n elements plus the tail, each at least one byte.
+            n += 1
+            what, each, terms = "list", 1, n
+        elif tag == MAP_EXT:
+            what, each, terms = "map", 2, 2 * n
+        else:
+            what, each, terms = "tuple", 1, n
+        if n * each > len(data) - after or n > left:
+            raise self.count_error(n, each, what, after)
+        return terms, after
+
     def term(self, depth: int) -> VmTerm:
-        if depth > self.max_depth:
-            raise self.fail(f"term nested deeper than the limit of {self.max_depth}")
-        self.terms_left -= 1
-        if self.terms_left < 0:
-            raise self.fail("too many terms (limit reached)")
-        start = self.pos
-        tag = self.u8()
-        handler = _HANDLERS.get(tag)
-        if handler is None:
-            raise self.fail(f"unknown or unsupported term tag {tag}", start)
-        return handler(self, depth, start)
+        """Decode the term at ``self.pos``, ``depth`` levels deep, and all it contains.
 
-    # -- handlers: (self, depth, start offset of the tag) -> term
+        One loop instead of a call per term (calls were most of the time): a container
+        pushes a frame and the loop goes on with its first item; the tags replies are made
+        of are read inline; rare tags go to the ``d_*`` handlers, which may call back in.
+        The checks, their order and the offsets in errors are those of a plain recursive
+        decoder: each term counts against ``max_terms`` when reached, a container checks its
+        count against the bytes left before anything is read, and depth is checked when a
+        non-empty container opens (its items are all one level deeper).
+        """
+        data = self.data
+        end = len(data)
+        pos = self.pos
+        left = self.terms_left
+        max_depth = self.max_depth
+        if depth > max_depth:
+            raise self.fail(f"term nested deeper than the limit of {max_depth}")
+        atoms = _ATOMS
+        stack: list[_Frame] = []
+        # The innermost open container; kind 0 means none: the next value is the result.
+        items: list[VmTerm] = []
+        todo = 0
+        kind = 0
+        # The innermost open map and where its current key began; the outer ones' in maps.
+        mapping: dict[VmTerm, VmTerm] = {}
+        key_at = 0
+        maps: list[tuple[dict[VmTerm, VmTerm], int]] = []
+        value: VmTerm
+        while True:
+            left -= 1
+            if left < 0:
+                raise self.fail("too many terms (limit reached)", pos)
+            try:
+                tag = data[pos]
+            except IndexError:
+                raise self.truncated(pos, 1) from None
+            if tag == SMALL_ATOM_UTF8_EXT:
+                if pos + 2 > end:
+                    raise self.truncated(pos + 1, 1)
+                stop = pos + 2 + data[pos + 1]
+                if stop > end:
+                    raise self.truncated(pos + 2, stop - pos - 2)
+                raw = data[pos + 2 : stop]
+                value = atoms.get(raw) or self.new_atom(raw, tag, pos)
+                pos = stop
+            elif tag == BINARY_EXT:
+                if pos + 5 > end:
+                    raise self.truncated(pos + 1, 4)
+                stop = pos + 5 + _unpack_u32(data, pos + 1)[0]
+                if stop > end:
+                    raise self.truncated(pos + 5, stop - pos - 5)
+                value = data[pos + 5 : stop]
+                pos = stop
+            elif tag == SMALL_INTEGER_EXT:
+                if pos + 2 > end:
+                    raise self.truncated(pos + 1, 1)
+                value = data[pos + 1]
+                pos += 2
+            elif tag == INTEGER_EXT:
+                if pos + 5 > end:
+                    raise self.truncated(pos + 1, 4)
+                value = _unpack_i32(data, pos + 1)[0]
+                pos += 5
+            elif tag == SMALL_TUPLE_EXT:
+                if pos + 2 > end:
+                    raise self.truncated(pos + 1, 1)
+                n = data[pos + 1]
+                pos += 2
+                if n > end - pos or n > left:
+                    raise self.count_error(n, 1, "tuple", pos)
+                if n:
+                    if depth >= max_depth:
+                        raise self.fail(f"term nested deeper than the limit of {max_depth}", pos)
+                    stack.append((items, todo, kind))
+                    items, todo, kind = [], n, tag
+                    depth += 1
+                    continue
+                value = ()
+            elif tag == NIL_EXT:
+                value = []
+                pos += 1
+            elif tag in (LIST_EXT, MAP_EXT, LARGE_TUPLE_EXT):
+                n, pos = self.container_header(tag, pos, left)
+                if n:
+                    if depth >= max_depth:
+                        raise self.fail(f"term nested deeper than the limit of {max_depth}", pos)
+                    stack.append((items, todo, kind))
+                    items, todo, kind = [], n, tag
+                    if tag == MAP_EXT:
+                        maps.append((mapping, key_at))
+                        mapping, key_at = {}, pos
+                    depth += 1
+                    continue
+                value = {} if tag == MAP_EXT else ()
+            elif tag == STRING_EXT:
+                if pos + 3 > end:
+                    raise self.truncated(pos + 1, 2)
+                n = _unpack_u16(data, pos + 1)[0]
+                pos += 3
+                if n > end - pos or n > left:
+                    raise self.count_error(n, 1, "string", pos)
+                # Its characters are terms too.
+                left -= n
+                value = list(data[pos : pos + n])
+                pos += n
+            elif tag == NEW_FLOAT_EXT:
+                if pos + 9 > end:
+                    raise self.truncated(pos + 1, 8)
+                number: float = _unpack_f64(data, pos + 1)[0]
+                if not math.isfinite(number):
+                    raise self.fail(f"float {number!r} is not a finite Erlang float", pos)
+                value = number
+                pos += 9
+            else:
+                handler = _HANDLERS.get(tag)
+                if handler is None:
+                    raise self.fail(f"unknown or unsupported term tag {tag}", pos)
+                self.pos = pos + 1
+                self.terms_left = left
+                value = handler(self, depth, pos)
+                pos = self.pos
+                left = self.terms_left
+            # Hand the value to the innermost open container, closing each one it completes;
+            # with none open (the loop's else), it is the result.
+            while kind:
+                todo -= 1
+                if kind != MAP_EXT:
+                    items.append(value)
+                    if todo:
+                        break
+                    value = _list_value(items) if kind == LIST_EXT else tuple(items)
+                elif todo & 1:
+                    items.append(value)  # a key: its value comes next
+                    break
+                else:
+                    # Check the key before reading on: the error names where it began.
+                    key = items.pop()
+                    size = len(mapping)
+                    try:
+                        # One hash, not two (`in`, then store): Atom's __hash__ is Python.
+                        mapping[key] = value
+                    except TypeError as exc:
+                        raise self.fail(
+                            f"map key of type {type(key).__name__} cannot be represented in Python",
+                            key_at,
+                        ) from exc
+                    if len(mapping) == size:
+                        # Either a malformed map or keys Erlang tells apart (1 and 1.0) but
+                        # Python does not; both would silently lose a value.
+                        raise self.fail(f"duplicate map key {key!r}", key_at)
+                    key_at = pos
+                    if todo:
+                        break
+                    value = mapping
+                    mapping, key_at = maps.pop()
+                items, todo, kind = stack.pop()
+                depth -= 1
+            else:
+                self.pos = pos
+                self.terms_left = left
+                return value
 
-    def d_small_int(self, depth: int, start: int) -> VmTerm:
-        return self.u8()
-
-    def d_int(self, depth: int, start: int) -> VmTerm:
-        return int(struct.unpack(">i", self.take(4))[0])
+    # -- handlers of the rarer tags: (self, depth, offset of the tag) -> term, with
+    #    self.pos just after the tag.
 
     def d_big(self, depth: int, start: int) -> VmTerm:
         n = self.u8() if self.data[start] == SMALL_BIG_EXT else self.u32()
@@ -381,12 +689,6 @@ class _Decoder:
             raise self.fail(f"bignum sign byte {sign} is not 0 or 1", self.pos - 1)
         value = int.from_bytes(self.take(n), "little")
         return -value if sign else value
-
-    def d_new_float(self, depth: int, start: int) -> VmTerm:
-        value = float(struct.unpack(">d", self.take(8))[0])
-        if not math.isfinite(value):
-            raise self.fail(f"float {value!r} is not a finite Erlang float", start)
-        return value
 
     def d_old_float(self, depth: int, start: int) -> VmTerm:
         text = self.take(31).rstrip(b"\0")
@@ -400,50 +702,9 @@ class _Decoder:
 
     def d_atom(self, depth: int, start: int) -> VmTerm:
         tag = self.data[start]
-        n = self.u8() if tag in (SMALL_ATOM_EXT, SMALL_ATOM_UTF8_EXT) else self.u16()
-        raw = self.take(n)
-        if tag in (ATOM_EXT, SMALL_ATOM_EXT):
-            name = raw.decode("latin-1")
-        else:
-            try:
-                name = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise self.fail("atom is not valid UTF-8", start) from exc
-        if len(name) > MAX_ATOM_CHARS:
-            raise self.fail(f"atom of {len(name)} characters (limit {MAX_ATOM_CHARS})", start)
-        return Atom(name)
-
-    def d_tuple(self, depth: int, start: int) -> VmTerm:
-        n = self.u8() if self.data[start] == SMALL_TUPLE_EXT else self.u32()
-        self.count(n, 1, "tuple")
-        return tuple(self.term(depth + 1) for _ in range(n))
-
-    def d_nil(self, depth: int, start: int) -> VmTerm:
-        return []
-
-    def d_string(self, depth: int, start: int) -> VmTerm:
-        n = self.u16()
-        self.count(n, 1, "string")
-        self.terms_left -= n
-        return list(self.take(n))
-
-    def d_list(self, depth: int, start: int) -> VmTerm:
-        n = self.u32()
-        if n == 0:
-            raise self.fail("LIST_EXT with no elements (an empty list is NIL_EXT)", start)
-        # n elements plus the tail, each at least one byte.
-        self.count(n + 1, 1, "list")
-        items = [self.term(depth + 1) for _ in range(n)]
-        tail = self.term(depth + 1)
-        if isinstance(tail, list):
-            # A list tail makes the whole thing proper; term_to_binary never emits it.
-            return items + tail
-        if isinstance(tail, ImproperList):
-            return ImproperList(cast(tuple[Term, ...], tuple(items)) + tail.items, tail.tail)
-        return ImproperList(cast(tuple[Term, ...], tuple(items)), cast(Term, tail))
-
-    def d_binary(self, depth: int, start: int) -> VmTerm:
-        return self.take(self.u32())
+        raw = self.take(self.u8() if tag == SMALL_ATOM_EXT else self.u16())
+        cached = _ATOMS.get(raw) if tag == ATOM_UTF8_EXT else None
+        return cached or self.new_atom(raw, tag, start)
 
     def d_bit_binary(self, depth: int, start: int) -> VmTerm:
         n = self.u32()
@@ -457,28 +718,6 @@ class _Decoder:
         if data[-1] & ((1 << (8 - bits)) - 1):
             raise self.fail("bit binary has non-zero padding bits", start)
         return BitString(data, bits)
-
-    def d_map(self, depth: int, start: int) -> VmTerm:
-        n = self.u32()
-        self.count(n, 2, "map")
-        result: dict[VmTerm, VmTerm] = {}
-        for _ in range(n):
-            key_at = self.pos
-            key = self.term(depth + 1)
-            value = self.term(depth + 1)
-            try:
-                duplicate = key in result
-            except TypeError as exc:
-                raise self.fail(
-                    f"map key of type {type(key).__name__} cannot be represented in Python",
-                    key_at,
-                ) from exc
-            if duplicate:
-                # Either a malformed map or keys Erlang tells apart (1 and 1.0) but Python
-                # does not; both would silently lose a value.
-                raise self.fail(f"duplicate map key {key!r}", key_at)
-            result[key] = value
-        return result
 
     def d_pid(self, depth: int, start: int) -> VmTerm:
         node = self.atom(depth + 1)
@@ -536,25 +775,27 @@ class _Decoder:
         return Fun(printed, self.data[start:end])
 
 
+def _list_value(items: list[VmTerm]) -> VmTerm:
+    """The value of a LIST_EXT whose elements and then tail are ``items``."""
+    tail = items.pop()
+    if isinstance(tail, list):
+        # A list tail makes the whole thing proper; term_to_binary never emits one but [].
+        items += tail
+        return items
+    if isinstance(tail, ImproperList):
+        return ImproperList(cast(tuple[Term, ...], tuple(items)) + tail.items, tail.tail)
+    return ImproperList(cast(tuple[Term, ...], tuple(items)), cast(Term, tail))
+
+
+# The tags _Decoder.term does not read inline.
 _HANDLERS = {
-    SMALL_INTEGER_EXT: _Decoder.d_small_int,
-    INTEGER_EXT: _Decoder.d_int,
     SMALL_BIG_EXT: _Decoder.d_big,
     LARGE_BIG_EXT: _Decoder.d_big,
-    NEW_FLOAT_EXT: _Decoder.d_new_float,
     FLOAT_EXT: _Decoder.d_old_float,
     ATOM_EXT: _Decoder.d_atom,
     SMALL_ATOM_EXT: _Decoder.d_atom,
     ATOM_UTF8_EXT: _Decoder.d_atom,
-    SMALL_ATOM_UTF8_EXT: _Decoder.d_atom,
-    SMALL_TUPLE_EXT: _Decoder.d_tuple,
-    LARGE_TUPLE_EXT: _Decoder.d_tuple,
-    NIL_EXT: _Decoder.d_nil,
-    STRING_EXT: _Decoder.d_string,
-    LIST_EXT: _Decoder.d_list,
-    BINARY_EXT: _Decoder.d_binary,
     BIT_BINARY_EXT: _Decoder.d_bit_binary,
-    MAP_EXT: _Decoder.d_map,
     PID_EXT: _Decoder.d_pid,
     NEW_PID_EXT: _Decoder.d_pid,
     PORT_EXT: _Decoder.d_port,
