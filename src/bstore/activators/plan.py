@@ -109,9 +109,10 @@ class Action:
     env_unset: tuple[Atom, ...] = ()
     depends_on: tuple[str, ...] = ()
 
-    # Written out (same fields, order and defaults as above) because the generated
-    # __init__ of a frozen dataclass sets each field through object.__setattr__: about
-    # 1 µs for these eleven, and a plan makes one Action per app on every switch.
+    # Written out (same fields, order and defaults as above; a test compares them)
+    # because the generated __init__ of a frozen dataclass sets each field through
+    # object.__setattr__, twice the cost of one dict update, and a plan builds one
+    # Action per app on every switch.
     def __init__(self, kind: ActionKind, app: str, version: str | None,
                  old_version: str | None = None, isolation: Isolation = Isolation.EMBEDDED,
                  old_isolation: Isolation | None = None, reasons: tuple[str, ...] = (),
