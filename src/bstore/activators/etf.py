@@ -23,6 +23,12 @@ Mapping (see :mod:`bstore.specs.terms.model` for the term model)::
 ``COMPRESSED`` (tag 80) is accepted at the top level with the same size cap on its
 uncompressed length. Distribution-only encodings (atom cache refs, ``LOCAL_EXT``) and the
 long-removed ``FUN_EXT`` are rejected.
+
+Both directions are on the activation path (replies like ``which_applications`` are
+decoded within a budget of about a millisecond), so each runs as one loop over an explicit
+stack with the common types handled inline, instead of a call per value; that also bounds
+nesting by the limits here rather than by Python's recursion limit (a fun's environment,
+read by a recursive call, aside).
 """
 
 from __future__ import annotations
@@ -107,6 +113,10 @@ DEFAULT_MAX_SIZE = 16 * 1024 * 1024
 # (``[[],[],...]``), so the term count is capped separately from the input size.
 DEFAULT_MAX_TERMS = 2_000_000
 
+# Both atom caches (encodings by name, decoded atoms by bytes) are emptied at this size:
+# names come from user input and from the node, so neither may grow without bound.
+_ATOM_CACHE_MAX = 4096
+
 
 class EtfError(BstoreError):
     """A term that cannot be encoded or a binary that is not valid, bounded ETF."""
@@ -139,10 +149,9 @@ _INT_ONLY = frozenset({int})
 _flatten = itertools.chain.from_iterable
 
 # Encoded atoms by name: the control channel sends the same few dozen atoms (ops, app
-# names, ok/error) over and over. Bounded because atom names may come from user input;
-# keyed by the name because Atom's dataclass __hash__ is a Python-level call.
+# names, ok/error) over and over. Keyed by the name because Atom's dataclass __hash__ is
+# a Python-level call.
 _ATOM_ETF: dict[str, bytes] = {}
-_ATOM_CACHE_MAX = 4096
 
 
 def encode(term: AnyTerm) -> bytes:
@@ -403,13 +412,12 @@ _unpack_f64 = struct.Struct(">d").unpack_from
 
 # Decoded atoms by their UTF-8 bytes, shared between decodes: the agent's replies name the
 # same atoms (app names, ok, undefined) every time, and building the frozen dataclass costs
-# more than reading the rest of a small tuple. Only atoms that passed every check go in;
-# bounded (cleared when full) so a hostile node cannot grow it. Atoms are immutable values,
-# so sharing one between callers is safe.
+# more than reading the rest of a small tuple. Only atoms that passed every check go in.
+# Atoms are immutable values, so sharing one between callers is safe.
 _ATOMS: dict[bytes, Atom] = {}
 
-# An open container while decoding (see _Decoder.term): its items so far, how many terms
-# it still needs, and its tag.
+# An open container while decoding (see _Decoder.term): its items so far, how many more
+# it needs, and its tag.
 _Frame = tuple[list[VmTerm], int, int]
 
 
@@ -494,8 +502,8 @@ class _Decoder:
     def container_header(self, tag: int, pos: int, left: int) -> tuple[int, int]:
         """Read the LARGE_TUPLE_EXT, LIST_EXT or MAP_EXT header whose tag is at ``pos``.
 
-        Returns how many terms follow (a list's elements and its tail, a map's keys and
-        values) and the offset after the header, once both limits allow that many.
+        Returns how many terms follow (a list's elements and its tail; a map's pairs) and
+        the offset after the header, once both limits allow that many.
         """
         data = self.data
         if pos + 5 > len(data):
@@ -507,14 +515,14 @@ class _Decoder:
                 raise self.fail("LIST_EXT with no elements (an empty list is NIL_EXT)", pos)
             # n elements plus the tail, each at least one byte.
             n += 1
-            what, each, terms = "list", 1, n
+            what, each = "list", 1
         elif tag == MAP_EXT:
-            what, each, terms = "map", 2, 2 * n
+            what, each = "map", 2
         else:
-            what, each, terms = "tuple", 1, n
+            what, each = "tuple", 1
         if n * each > len(data) - after or n > left:
             raise self.count_error(n, each, what, after)
-        return terms, after
+        return n, after
 
     def term(self, depth: int) -> VmTerm:
         """Decode the term at ``self.pos``, ``depth`` levels deep, and all it contains.
@@ -535,149 +543,157 @@ class _Decoder:
         if depth > max_depth:
             raise self.fail(f"term nested deeper than the limit of {max_depth}")
         atoms = _ATOMS
-        stack: list[_Frame] = []
-        # The innermost open container; kind 0 means none: the next value is the result.
+        # The innermost open container: its items so far, how many it still needs (a map:
+        # to complete its current key-value pair) and its tag, 0 standing for the one term
+        # asked for. The outer ones wait on `stack`.
         items: list[VmTerm] = []
-        todo = 0
+        todo = 1
         kind = 0
-        # The innermost open map and where its current key began; the outer ones' in maps.
+        stack: list[_Frame] = []
+        # The innermost open map: the dict so far, where its current key began and how
+        # many pairs are left (this one included). The outer ones wait on `maps`.
         mapping: dict[VmTerm, VmTerm] = {}
-        key_at = 0
-        maps: list[tuple[dict[VmTerm, VmTerm], int]] = []
-        value: VmTerm
+        key_at = pairs = 0
+        maps: list[tuple[dict[VmTerm, VmTerm], int, int]] = []
         while True:
-            left -= 1
-            if left < 0:
-                raise self.fail("too many terms (limit reached)", pos)
-            try:
-                tag = data[pos]
-            except IndexError:
-                raise self.truncated(pos, 1) from None
-            if tag == SMALL_ATOM_UTF8_EXT:
-                if pos + 2 > end:
-                    raise self.truncated(pos + 1, 1)
-                stop = pos + 2 + data[pos + 1]
-                if stop > end:
-                    raise self.truncated(pos + 2, stop - pos - 2)
-                raw = data[pos + 2 : stop]
-                value = atoms.get(raw) or self.new_atom(raw, tag, pos)
-                pos = stop
-            elif tag == BINARY_EXT:
-                if pos + 5 > end:
-                    raise self.truncated(pos + 1, 4)
-                stop = pos + 5 + _unpack_u32(data, pos + 1)[0]
-                if stop > end:
-                    raise self.truncated(pos + 5, stop - pos - 5)
-                value = data[pos + 5 : stop]
-                pos = stop
-            elif tag == SMALL_INTEGER_EXT:
-                if pos + 2 > end:
-                    raise self.truncated(pos + 1, 1)
-                value = data[pos + 1]
-                pos += 2
-            elif tag == INTEGER_EXT:
-                if pos + 5 > end:
-                    raise self.truncated(pos + 1, 4)
-                value = _unpack_i32(data, pos + 1)[0]
-                pos += 5
-            elif tag == SMALL_TUPLE_EXT:
-                if pos + 2 > end:
-                    raise self.truncated(pos + 1, 1)
-                n = data[pos + 1]
-                pos += 2
-                if n > end - pos or n > left:
-                    raise self.count_error(n, 1, "tuple", pos)
-                if n:
-                    if depth >= max_depth:
-                        raise self.fail(f"term nested deeper than the limit of {max_depth}", pos)
-                    stack.append((items, todo, kind))
-                    items, todo, kind = [], n, tag
-                    depth += 1
-                    continue
-                value = ()
-            elif tag == NIL_EXT:
-                value = []
-                pos += 1
-            elif tag in (LIST_EXT, MAP_EXT, LARGE_TUPLE_EXT):
-                n, pos = self.container_header(tag, pos, left)
-                if n:
-                    if depth >= max_depth:
-                        raise self.fail(f"term nested deeper than the limit of {max_depth}", pos)
-                    stack.append((items, todo, kind))
-                    items, todo, kind = [], n, tag
-                    if tag == MAP_EXT:
-                        maps.append((mapping, key_at))
-                        mapping, key_at = {}, pos
-                    depth += 1
-                    continue
-                value = {} if tag == MAP_EXT else ()
-            elif tag == STRING_EXT:
-                if pos + 3 > end:
-                    raise self.truncated(pos + 1, 2)
-                n = _unpack_u16(data, pos + 1)[0]
-                pos += 3
-                if n > end - pos or n > left:
-                    raise self.count_error(n, 1, "string", pos)
-                # Its characters are terms too.
-                left -= n
-                value = list(data[pos : pos + n])
-                pos += n
-            elif tag == NEW_FLOAT_EXT:
-                if pos + 9 > end:
-                    raise self.truncated(pos + 1, 8)
-                number: float = _unpack_f64(data, pos + 1)[0]
-                if not math.isfinite(number):
-                    raise self.fail(f"float {number!r} is not a finite Erlang float", pos)
-                value = number
-                pos += 9
-            else:
-                handler = _HANDLERS.get(tag)
-                if handler is None:
-                    raise self.fail(f"unknown or unsupported term tag {tag}", pos)
-                self.pos = pos + 1
-                self.terms_left = left
-                value = handler(self, depth, pos)
-                pos = self.pos
-                left = self.terms_left
-            # Hand the value to the innermost open container, closing each one it completes;
-            # with none open (the loop's else), it is the result.
-            while kind:
-                todo -= 1
-                if kind != MAP_EXT:
-                    items.append(value)
-                    if todo:
-                        break
-                    value = _list_value(items) if kind == LIST_EXT else tuple(items)
-                elif todo & 1:
-                    items.append(value)  # a key: its value comes next
-                    break
+            while todo:
+                left -= 1
+                if left < 0:
+                    raise self.fail("too many terms (limit reached)", pos)
+                try:
+                    tag = data[pos]
+                except IndexError:
+                    raise self.truncated(pos, 1) from None
+                if tag == SMALL_ATOM_UTF8_EXT:
+                    if pos + 2 > end:
+                        raise self.truncated(pos + 1, 1)
+                    stop = pos + 2 + data[pos + 1]
+                    if stop > end:
+                        raise self.truncated(pos + 2, stop - pos - 2)
+                    raw = data[pos + 2 : stop]
+                    items.append(atoms.get(raw) or self.new_atom(raw, tag, pos))
+                    pos = stop
+                elif tag == BINARY_EXT:
+                    if pos + 5 > end:
+                        raise self.truncated(pos + 1, 4)
+                    stop = pos + 5 + _unpack_u32(data, pos + 1)[0]
+                    if stop > end:
+                        raise self.truncated(pos + 5, stop - pos - 5)
+                    items.append(data[pos + 5 : stop])
+                    pos = stop
+                elif tag == SMALL_INTEGER_EXT:
+                    if pos + 2 > end:
+                        raise self.truncated(pos + 1, 1)
+                    items.append(data[pos + 1])
+                    pos += 2
+                elif tag == INTEGER_EXT:
+                    if pos + 5 > end:
+                        raise self.truncated(pos + 1, 4)
+                    items.append(_unpack_i32(data, pos + 1)[0])
+                    pos += 5
+                elif tag == SMALL_TUPLE_EXT:
+                    if pos + 2 > end:
+                        raise self.truncated(pos + 1, 1)
+                    n = data[pos + 1]
+                    pos += 2
+                    if n > end - pos or n > left:
+                        raise self.count_error(n, 1, "tuple", pos)
+                    if n:
+                        if depth >= max_depth:
+                            raise self.fail(
+                                f"term nested deeper than the limit of {max_depth}", pos
+                            )
+                        stack.append((items, todo, kind))
+                        items, todo, kind = [], n, tag
+                        depth += 1
+                        continue
+                    items.append(())
+                elif tag == NIL_EXT:
+                    items.append([])
+                    pos += 1
+                elif tag in (LIST_EXT, MAP_EXT, LARGE_TUPLE_EXT):
+                    n, pos = self.container_header(tag, pos, left)
+                    if n:
+                        if depth >= max_depth:
+                            raise self.fail(
+                                f"term nested deeper than the limit of {max_depth}", pos
+                            )
+                        if tag == MAP_EXT:
+                            maps.append((mapping, key_at, pairs))
+                            mapping, key_at, pairs = {}, pos, n
+                            n = 2
+                        stack.append((items, todo, kind))
+                        items, todo, kind = [], n, tag
+                        depth += 1
+                        continue
+                    items.append({} if tag == MAP_EXT else ())
+                elif tag == STRING_EXT:
+                    if pos + 3 > end:
+                        raise self.truncated(pos + 1, 2)
+                    n = _unpack_u16(data, pos + 1)[0]
+                    pos += 3
+                    if n > end - pos or n > left:
+                        raise self.count_error(n, 1, "string", pos)
+                    # Its characters are terms too.
+                    left -= n
+                    items.append(list(data[pos : pos + n]))
+                    pos += n
+                elif tag == NEW_FLOAT_EXT:
+                    if pos + 9 > end:
+                        raise self.truncated(pos + 1, 8)
+                    number: float = _unpack_f64(data, pos + 1)[0]
+                    if not math.isfinite(number):
+                        raise self.fail(f"float {number!r} is not a finite Erlang float", pos)
+                    items.append(number)
+                    pos += 9
                 else:
-                    # Check the key before reading on: the error names where it began.
-                    key = items.pop()
-                    size = len(mapping)
-                    try:
-                        # One hash, not two (`in`, then store): Atom's __hash__ is Python.
-                        mapping[key] = value
-                    except TypeError as exc:
-                        raise self.fail(
-                            f"map key of type {type(key).__name__} cannot be represented in Python",
-                            key_at,
-                        ) from exc
-                    if len(mapping) == size:
-                        # Either a malformed map or keys Erlang tells apart (1 and 1.0) but
-                        # Python does not; both would silently lose a value.
-                        raise self.fail(f"duplicate map key {key!r}", key_at)
-                    key_at = pos
-                    if todo:
-                        break
-                    value = mapping
-                    mapping, key_at = maps.pop()
-                items, todo, kind = stack.pop()
-                depth -= 1
+                    handler = _HANDLERS.get(tag)
+                    if handler is None:
+                        raise self.fail(f"unknown or unsupported term tag {tag}", pos)
+                    self.pos = pos + 1
+                    self.terms_left = left
+                    items.append(handler(self, depth, pos))
+                    pos = self.pos
+                    left = self.terms_left
+                todo -= 1
+            # The innermost container has all it needs: close it (a map: take in its current
+            # pair) and hand it to the one around it.
+            value: VmTerm
+            if kind == MAP_EXT:
+                key, value = items
+                items.clear()
+                size = len(mapping)
+                try:
+                    # One hash, not two (`in`, then store): Atom's __hash__ is Python.
+                    mapping[key] = value
+                except TypeError as exc:
+                    raise self.fail(
+                        f"map key of type {type(key).__name__} cannot be represented in Python",
+                        key_at,
+                    ) from exc
+                if len(mapping) == size:
+                    # Either a malformed map or keys Erlang tells apart (1 and 1.0) but
+                    # Python does not; both would silently lose a value.
+                    raise self.fail(f"duplicate map key {key!r}", key_at)
+                pairs -= 1
+                if pairs:
+                    # Checked before the next key is read, like a recursive decoder does.
+                    todo, key_at = 2, pos
+                    continue
+                value = mapping
+                mapping, key_at, pairs = maps.pop()
+            elif kind == LIST_EXT:
+                value = _list_value(items)
+            elif kind:
+                value = tuple(items)
             else:
                 self.pos = pos
                 self.terms_left = left
-                return value
+                return items[0]
+            items, todo, kind = stack.pop()
+            depth -= 1
+            items.append(value)
+            todo -= 1
 
     # -- handlers of the rarer tags: (self, depth, offset of the tag) -> term, with
     #    self.pos just after the tag.
