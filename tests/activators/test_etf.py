@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import gc
 import shutil
 import struct
 import subprocess
@@ -15,6 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bstore.activators.etf import (
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_TERMS,
     EtfDecodeError,
     EtfEncodeError,
     decode,
@@ -386,7 +389,11 @@ def test_limits_name_the_term_that_crosses_them(
     data: bytes, limits: dict[str, int], message: str
 ) -> None:
     with pytest.raises(EtfDecodeError) as info:
-        decode(data, **limits)
+        decode(
+            data,
+            max_terms=limits.get("max_terms", DEFAULT_MAX_TERMS),
+            max_depth=limits.get("max_depth", DEFAULT_MAX_DEPTH),
+        )
     assert message in str(info.value)
 
 
@@ -468,6 +475,57 @@ def test_encoding_depth_is_bounded_only_by_its_limit() -> None:
     assert back == []
     with pytest.raises(EtfEncodeError, match="nested deeper than 2000 levels"):
         encode((term,))
+
+
+def _big_term_blob() -> bytes:
+    blob = encode([(Atom("a"), [n], {n: b"x"}) for n in range(10_000)])
+    assert len(blob) > 64 * 1024  # the size from which decode pauses the collector
+    return blob
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_big_decodes_leave_the_collector_as_they_found_it(enabled: bool) -> None:
+    blob = _big_term_blob()
+    was = gc.isenabled()
+    try:
+        if enabled:
+            gc.enable()
+        else:
+            gc.disable()
+        assert decode(blob)[9_999] == (Atom("a"), [9_999], {9_999: b"x"})  # type: ignore[index]
+        assert gc.isenabled() is enabled
+        with pytest.raises(EtfDecodeError, match="truncated"):
+            decode(blob[:-1])
+        assert gc.isenabled() is enabled
+    finally:
+        if was:
+            gc.enable()
+        else:
+            gc.disable()
+
+
+def test_big_decodes_run_no_collection() -> None:
+    blob = _big_term_blob()
+    collections: list[str] = []
+
+    def record(phase: str, info: dict[str, int]) -> None:
+        collections.append(phase)
+
+    thresholds, was = gc.get_threshold(), gc.isenabled()
+    gc.set_threshold(10)
+    gc.enable()
+    gc.callbacks.append(record)
+    try:
+        decode(blob)
+        during = len(collections)
+        [[] for _ in range(1000)]  # and the collector runs again afterwards
+    finally:
+        gc.callbacks.remove(record)
+        gc.set_threshold(*thresholds)
+        if not was:
+            gc.disable()
+    assert during == 0
+    assert collections
 
 
 def test_compressed_and_old_encodings_are_read() -> None:
