@@ -9,11 +9,12 @@ dependency order), which is also what brings it back after a crash or a reboot
 :class:`~bstore.activators.vm.VmActivator` sharing the same state root, cookie and
 cluster, so this one activator runs a whole generation.
 
-``apps.json`` next to the node's record lists the apps bstore started in it (so OTP and
-library applications are never mistaken for strays); the same apps' outputs are GC roots
-(``gcroots/nodes/<profile>/host/<app>``, :mod:`bstore.activators.gcroots`) until they
-leave the node or the node stops, so ``generations delete`` + GC never removes code a
-running node may still load. Options (``ActivatorContext``):
+``apps.sqlite`` next to the node's record lists the apps bstore started in it (so OTP
+and library applications are never mistaken for strays; :mod:`bstore.activators.records`);
+the same apps' outputs are GC roots (``gcroots/nodes/<profile>/host/<app>``,
+:mod:`bstore.activators.gcroots`) until they leave the node or the node stops, so
+``generations delete`` + GC never removes code a running node may still load. Options
+(``ActivatorContext``):
 
 =================  ===============================================================
 ``distribution``   ``on`` (default): the host node is ``bstore_<profile>@127.0.0.1``,
@@ -52,8 +53,6 @@ from bstore.activators.gcroots import RunningRoots
 from bstore.activators.health import HealthSchedule, probe
 from bstore.activators.hostnode import HostNode, HostNodeStatus
 from bstore.activators.nodeops import (
-    ManagedApp,
-    ManagedRecords,
     app_ebin,
     closure_ebins,
     describe_error,
@@ -66,11 +65,11 @@ from bstore.activators.nodeops import (
     stop_app,
 )
 from bstore.activators.plan import Action, AppStatus, RunningState, plan
+from bstore.activators.records import ManagedApp, ManagedRecords
 from bstore.activators.vm import VmActivator, host_node_name, node_environment, runs_in_vm
 from bstore.errors import BstoreError
 from bstore.generations.manifest import AppEntry, GenerationManifest, dependency_order
 from bstore.specs.model import Isolation
-from bstore.specs.terms.model import Atom
 
 #: Seconds to wait for an app without a health spec to be running after an action.
 DEFAULT_HEALTH_WAIT = 5.0
@@ -138,7 +137,11 @@ class EmbeddedActivator(Activator):
         self._old: GenerationManifest | None = None
         self._new: GenerationManifest | None = None
         self._client: AgentClient | None = None
-        self._records = ManagedRecords(self.node.paths.directory / "apps.json")
+        #: Apps the agent just started in the host node (ensure_all_started answered ok):
+        #: for an app without a health spec ("healthy = running") that answer is the
+        #: first probe. Only the first: a settle probe still asks the node.
+        self._started: set[str] = set()
+        self._records = ManagedRecords(self.node.paths.directory / "apps.sqlite")
         #: GC roots of what the host node runs (see :mod:`bstore.activators.gcroots`);
         #: dropped whenever the node is found or made stopped.
         self.roots = RunningRoots(context.root, context.profile)
@@ -269,6 +272,7 @@ class EmbeddedActivator(Activator):
             raise ActivatorError("apply() without plan(): the activator needs the target"
                                  " generation", hint="call plan(old, new) first")
         new = self._new
+        self._started.clear()
         needs_host = any(not self._old_in_vm(a) or (a.app in new.apps
                                                     and not runs_in_vm(new.apps[a.app]))
                          for a in actions)
@@ -302,7 +306,7 @@ class EmbeddedActivator(Activator):
         if records and self.node.is_running():
             try:
                 with self.node.client(10.0) as client:
-                    running = {a.name: a.version for a in client.which_applications()}
+                    running = client.running_versions()
             except AgentError:
                 running = None
         for name, rec in records.items():
@@ -349,7 +353,16 @@ class EmbeddedActivator(Activator):
         """One health check of ``entry`` (in its node)."""
         if runs_in_vm(entry):
             return self.vms.probe(entry)
+        if entry.health is None and entry.name in self._started:
+            self._started.discard(entry.name)
+            return HealthResult(entry.name, True,
+                                f"application started (version {entry.version})")
         return probe(entry.name, entry.health, self._host())
+
+    def _now_runs(self, entry: AppEntry) -> None:
+        """``entry`` was started in the host node: record it (and root its output)."""
+        self._record(entry, entry.name)
+        self._started.add(entry.name)
 
     def _record(self, entry: AppEntry | None, name: str) -> None:
         """Record that ``name`` runs ``entry`` now (None: runs no more), and root that."""
@@ -392,7 +405,7 @@ class EmbeddedActivator(Activator):
             start_app(client, [], entry)
         else:
             start_app(client, ebins, entry)
-        self._record(entry, entry.name)
+        self._now_runs(entry)
         return "started"
 
     def do_stop(self, action: Action) -> str:
@@ -428,7 +441,7 @@ class EmbeddedActivator(Activator):
             client.add_patha(d)
         load_new_code(client, app_ebin(self.store_dir, entry), entry, changed)
         start_app(client, [], entry)
-        self._record(entry, entry.name)
+        self._now_runs(entry)
         return "restarted"
 
     def _restart_in_host(self, action: Action, entry: AppEntry,
@@ -448,12 +461,12 @@ class EmbeddedActivator(Activator):
                 for m in (entry.modules if changed is None else changed)},
                 {k.name: v for k, v in entry.env.items()})
         except AgentOpError as exc:
-            if exc.op == "restart_app" and _unsupported(exc.reason):
+            if exc.op == "restart_app" and exc.unsupported:
                 return None
             if exc.op not in ("app_stop", "app_unload", "del_path"):
                 self.roots.set("host", entry.name, str(entry.output))
             raise
-        self._record(entry, entry.name)
+        self._now_runs(entry)
         return "restarted"
 
     def _changed_since_record(self, app: str, entry: AppEntry) -> list[str] | None:
@@ -488,10 +501,3 @@ class EmbeddedActivator(Activator):
 
 def _managed(entry: AppEntry) -> ManagedApp:
     return ManagedApp(entry.name, entry.version, str(entry.output), entry.isolation)
-
-
-def _unsupported(reason: object) -> bool:
-    """Whether an agent refused an operation it does not know (an older agent: the op's
-    atom is unknown to its node, or the op is)."""
-    return isinstance(reason, tuple) and len(reason) >= 1 and reason[0] in (
-        Atom("unknown_op"), Atom("bad_frame"))

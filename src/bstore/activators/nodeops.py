@@ -24,10 +24,7 @@ not done.
 from __future__ import annotations
 
 import functools
-import json
-import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -38,7 +35,6 @@ from bstore.activators.health import wait_until_healthy
 from bstore.activators.plan import Action, ActionKind, mark_blocked
 from bstore.errors import BstoreError
 from bstore.generations.manifest import AppEntry, GenerationManifest
-from bstore.specs.model import Isolation
 from bstore.specs.terms.model import Atom
 from bstore.store.crash import crash_point
 
@@ -145,89 +141,6 @@ def reconfigure_app(client: AgentClient, action: Action) -> None:
     """Set/unset the action's env keys and run the app's ``config_change/3``."""
     client.reconfigure(action.app, {k.name: v for k, v in action.env_set.items()},
                        [k.name for k in action.env_unset])
-
-
-# -- records of what runs -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ManagedApp:
-    """What bstore started in a node: enough to stop it and to report drift."""
-
-    name: str
-    version: str
-    output: str
-    isolation: Isolation
-
-
-def read_managed(path: Path) -> dict[str, ManagedApp]:
-    """The apps recorded in ``path`` (none when it does not exist or is unreadable)."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        return {n: ManagedApp(n, str(d["version"]), str(d["output"]), Isolation(d["isolation"]))
-                for n, d in raw.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
-
-
-def write_managed(path: Path, apps: Mapping[str, ManagedApp]) -> None:
-    """Record ``apps`` in ``path`` atomically (temp file + rename).
-
-    No fsync: the file describes processes, and the power loss that could undo the write
-    ends them too (a node boots from its profile's generation and rewrites it)."""
-    data = {n: {"version": a.version, "output": a.output, "isolation": a.isolation.value}
-            for n, a in sorted(apps.items())}
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json.dumps(data, indent=1).encode("utf-8"))
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-class ManagedRecords:
-    """``apps.json`` of one node (:func:`read_managed`/:func:`write_managed`), read once
-    per change: an activation consults it for every action, and another process (a
-    ``bstore status`` next to the daemon) may rewrite it in between, which the file's
-    identity (inode, mtime, size: every write is a new file renamed over it) reveals."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._seen: tuple[tuple[int, int, int], dict[str, ManagedApp]] | None = None
-
-    def read(self) -> dict[str, ManagedApp]:
-        """The recorded apps (a fresh dict the caller may change)."""
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            self._seen = None
-            return {}
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if self._seen is None or self._seen[0] != key:
-            self._seen = (key, read_managed(self.path))
-        return dict(self._seen[1])
-
-    def get(self, app: str) -> ManagedApp | None:
-        """One app's record, if any."""
-        return self.read().get(app)
-
-    def write(self, apps: Mapping[str, ManagedApp]) -> None:
-        """Record exactly ``apps``."""
-        write_managed(self.path, apps)
-
-    def update(self, app: str, record: ManagedApp | None) -> None:
-        """Record (or, with None, forget) one app, keeping the others."""
-        apps = self.read()
-        if record is None:
-            if apps.pop(app, None) is None:
-                return
-        elif apps.get(app) == record:
-            return
-        else:
-            apps[app] = record
-        self.write(apps)
 
 
 # -- the action loop ------------------------------------------------------------------------
