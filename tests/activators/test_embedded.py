@@ -107,6 +107,28 @@ def test_upgrade_restarts_only_that_app(act: EmbeddedActivator, gens: Gens, work
         str(act.store_dir / str(g2.apps["alpha"].output) / "lib/alpha-2.0.0/ebin")]
 
 
+@pytest.mark.parametrize(("settle", "seen"), [
+    # the agent's "started" answer is the first probe of an app without a health spec ...
+    ("0", "application started (version 2.0.0)"),
+    # ... and only the first: the settle probe asks the node
+    ("0.2", "application running (version 2.0.0)"),
+])
+def test_health_after_a_restart(root: Path, agent_ebin: Path, gens: Gens, settle: str,
+                                seen: str) -> None:
+    ctx = ActivatorContext(root, "default", {"distribution": "off", "health_timeout": "4",
+                                             "health_settle": settle})
+    act = EmbeddedActivator(ctx, agent_ebin=agent_ebin)
+    try:
+        g1 = gens(AppDef("alpha"), AppDef("beta"))
+        assert activate(act, None, g1)[1].ok
+        g2 = gens(AppDef("alpha", "2.0.0", variant=2), AppDef("beta"))
+        _actions, result = activate(act, g1, g2)
+        details = {o.action.app: o.detail for o in result.outcomes}
+        assert details == {"alpha": f"restarted; healthy ({seen})", "beta": "kept"}
+    finally:
+        act.shutdown()
+
+
 def test_env_change_reconfigures_keeping_the_pid(act: EmbeddedActivator, gens: Gens,
                                                  work: Path) -> None:
     g1 = gens(AppDef("alpha", env={"color": Atom("red"), "size": 1}))

@@ -76,6 +76,14 @@ class AgentOpError(AgentError):
         super().__init__(socket_path, op, f"failed: {format_term(reason)}", hint)
         self.reason = reason
 
+    @property
+    def unsupported(self) -> bool:
+        """Whether the agent does not know the operation: one started by an older bstore
+        (the op is unknown to it, or its atom to the node, so the frame did not decode)."""
+        r = self.reason
+        return isinstance(r, tuple) and len(r) >= 1 and r[0] in (Atom("unknown_op"),
+                                                                  Atom("bad_frame"))
+
 
 class LingeringProcessesError(AgentOpError):
     """Processes still run a module's old code, so it cannot be purged; nothing was killed."""
@@ -452,6 +460,26 @@ class AgentClient:
         if not isinstance(result, bytes):
             raise AgentProtocolError(self.socket_path, "app_running", format_term(result))
         return _text(result)
+
+    def running_versions(self) -> dict[str, str]:
+        """Application → version of every running application (``which_applications``
+        without the descriptions: what a plan compares, at a third of the reply)."""
+        try:
+            result = self.call("app_versions")
+        except AgentOpError as exc:
+            if not exc.unsupported:
+                raise
+            return {a.name: a.version for a in self.which_applications()}
+        if not isinstance(result, list):
+            raise AgentProtocolError(self.socket_path, "app_versions", format_term(result))
+        versions = {}
+        for item in result:
+            if not (isinstance(item, tuple) and len(item) == 2
+                    and isinstance(item[0], Atom) and isinstance(item[1], bytes)):
+                raise AgentProtocolError(self.socket_path, "app_versions",
+                                         format_term(item, limit=200))
+            versions[item[0].name] = _text(item[1])
+        return versions
 
     def which_applications(self) -> list[AppInfo]:
         """The running applications."""

@@ -88,7 +88,7 @@ def check_running(app: str, client: AgentClient) -> HealthResult:
         try:
             version = client.app_running(app)
         except AgentOpError as exc:
-            if not _older_agent(exc):
+            if not exc.unsupported:
                 raise
             # An agent without app_running (a node started before it existed).
             version = {a.name: a.version for a in client.which_applications()}.get(app)
@@ -97,12 +97,6 @@ def check_running(app: str, client: AgentClient) -> HealthResult:
     if version is not None:
         return HealthResult(app, True, f"application running (version {version})")
     return HealthResult(app, False, "application is not running")
-
-
-def _older_agent(exc: AgentOpError) -> bool:
-    r = exc.reason
-    return isinstance(r, tuple) and len(r) >= 1 and r[0] in (Atom("unknown_op"),
-                                                              Atom("bad_frame"))
 
 
 def probe(app: str, spec: HealthSpec | None, client: AgentClient | None) -> HealthResult:

@@ -194,7 +194,7 @@ ops() ->
      {reconfigure, [3]}, {suspend, [1, 2]}, {resume, [1]}, {change_code, [4]},
      {reload, [3]}, {process_info, [1]}, {stop_node, [0]}, {health_check, [3]},
      {nodes, [0]}, {connect_node, [1]}, {restart_app, [5]},
-     {app_running, [1]}, {old_code, [1]}].
+     {app_running, [1]}, {old_code, [1]}, {app_versions, [0]}].
 
 op(ping, []) ->
     {ok, pong};
@@ -290,6 +290,8 @@ op(app_running, [App]) when is_atom(App) ->
         {App, _, Vsn} -> {ok, bin(Vsn)};
         false -> {ok, false}
     end;
+op(app_versions, []) ->
+    {ok, [{A, bin(V)} || {A, _, V} <- application:which_applications()]};
 op(which_applications, []) ->
     {ok, [{A, bin(D), bin(V)} || {A, D, V} <- application:which_applications()]};
 op(loaded_applications, []) ->
