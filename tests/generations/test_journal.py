@@ -198,6 +198,18 @@ def test_leftover_temp_links_are_removed(root: Path, tmp_path: Path, beams: Beam
         assert not (prof.dir / ".tmp-default-deadbeef").is_symlink()
 
 
+def test_switch_without_activator_over_a_pending_one(root: Path, tmp_path: Path,
+                                                    beams: Beams) -> None:
+    manifest_file = _setup(root, tmp_path, beams)
+    assert _child(root, "commit", manifest_file, tmp_path / "m", "gen-after-switch") == -9
+    with LocalStore.open(root) as store:
+        prof = Profile(store)
+        # no activator to finish it: the pending journal is replaced by this switch's
+        result = rollback(prof)
+        assert result.recovered.outcome is Outcome.PENDING
+        assert prof.current_number() == 2 and read_journal(prof) is None
+
+
 @pytest.mark.parametrize("torn", [b"", b"\0" * 512])
 def test_journal_torn_by_a_power_loss_is_dropped(root: Path, tmp_path: Path, beams: Beams,
                                                  torn: bytes) -> None:

@@ -170,22 +170,30 @@ def read_journal(profile: Profile) -> Journal | None:
     return journal
 
 
-def write_journal(profile: Profile, journal: Journal) -> None:
-    """Atomically (temp file + ``rename``) record ``journal``; not fsynced (see the module
-    docstring, "Durability")."""
+def write_journal(profile: Profile, journal: Journal, *, first: bool = False) -> None:
+    """Record ``journal``; not fsynced (see the module docstring, "Durability").
+
+    ``first``: no journal exists (recovery ran under the same lock), so it is created in
+    place; a kill between creating and writing it leaves an empty journal, dropped like
+    a torn one (nothing was switched yet). Otherwise a temp file is renamed over the
+    previous journal, which stays whole until then.
+    """
     path = profile.journal_path
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+    target = path if first else path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o644)
         try:
             os.write(fd, journal.to_bytes())
         finally:
             os.close(fd)
-        os.rename(tmp, path)
+        if not first:
+            os.rename(target, path)
     except OSError as exc:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise JournalError(f"cannot write journal {str(path)!r}: {exc.strerror}") from exc
+        if not first and os.path.lexists(target):
+            os.unlink(target)
+        raise JournalError(f"cannot write journal {str(path)!r}: {exc.strerror}",
+                           hint="check the permissions of the profiles directory") from exc
 
 
 def clear_journal(profile: Profile) -> None:

@@ -67,7 +67,8 @@ def _switch(profile: Profile, operation: str, target: StorePath, number: int | N
                       old.store_path if old else None, to_number, target, new_link,
                       hook is not None, Step.PREPARED if new_link else Step.SWITCHED,
                       os.getpid())
-    write_journal(profile, journal)
+    # Recovery removed any earlier journal, unless it left one pending for an activator.
+    write_journal(profile, journal, first=recovered.outcome is not Outcome.PENDING)
     crash_point("gen-after-journal")
     if new_link:
         # Durable before the profile may point at it.
