@@ -65,6 +65,29 @@ def test_nested_roots_keep_outputs_until_removed(root: Path, tmp_path: Path) -> 
     assert roots.read("host") == {} and roots.read("vm") == {}
 
 
+def test_prepared_roots_root_both_builds_until_settled(root: Path, tmp_path: Path) -> None:
+    a1, a2, a3 = _outputs(root, tmp_path, "a-1", "a-2", "a-3")
+    roots = RunningRoots(root, "default")
+    roots.set("host", "alpha", str(a1))
+    assert roots.prepare("host", "alpha", str(a1)) is None  # already its root
+    # Written while the node restarts the app: the old build stays alpha's root, and
+    # the GC keeps both (the temporary link is a root of its own).
+    prepared = roots.prepare("host", "alpha", str(a2))
+    assert prepared is not None
+    assert roots.read("host") == {"alpha": str(a1)}
+    assert _gc(root) == {str(a3)}
+    prepared.commit()  # the restart worked
+    assert roots.read("host") == {"alpha": str(a2)}
+    assert os.listdir(root / "gcroots" / "nodes" / "default" / "host") == ["alpha"]
+    a1b, a3b = _outputs(root, tmp_path, "a-1b", "a-3b")
+    dropped = roots.prepare("host", "alpha", str(a3b))
+    assert dropped is not None
+    dropped.discard()  # the restart failed before the old code stopped
+    dropped.discard()  # already gone: no error
+    assert roots.read("host") == {"alpha": str(a2)}
+    assert _gc(root) == {str(a1), str(a1b), str(a3b)}
+
+
 def test_sync_drops_leftover_temp_links(root: Path, tmp_path: Path) -> None:
     a1, = _outputs(root, tmp_path, "a-1")
     roots = RunningRoots(root, "default")

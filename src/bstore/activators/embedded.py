@@ -33,8 +33,10 @@ the same apps' outputs are GC roots (``gcroots/nodes/<profile>/host/<app>``,
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +51,7 @@ from bstore.activators.base import (
     ApplyResult,
     HealthResult,
 )
-from bstore.activators.gcroots import RunningRoots
+from bstore.activators.gcroots import PreparedRoot, RunningRoots
 from bstore.activators.health import HealthSchedule, probe
 from bstore.activators.hostnode import HostNode, HostNodeStatus
 from bstore.activators.nodeops import (
@@ -67,6 +69,7 @@ from bstore.activators.nodeops import (
 from bstore.activators.plan import Action, AppStatus, RunningState, plan
 from bstore.activators.records import ManagedApp, ManagedRecords
 from bstore.activators.vm import VmActivator, host_node_name, node_environment, runs_in_vm
+from bstore.background import in_background
 from bstore.errors import BstoreError
 from bstore.generations.manifest import AppEntry, GenerationManifest, dependency_order
 from bstore.specs.model import Isolation
@@ -454,18 +457,28 @@ class EmbeddedActivator(Activator):
         ebins = closure_ebins(self.store_dir, self._new, entry)
         # The host root moves to the new output once the stop worked (as with the separate
         # steps): a failed stop leaves the old code rooted. Meanwhile the new output is
-        # rooted by the generation the profile now names.
+        # rooted by the generation the profile now names. Its link is written while the
+        # node works, and renamed into place after.
+        staged = in_background(functools.partial(self.roots.prepare, "host", entry.name,
+                                                 str(entry.output)))
         try:
             self._host().restart_app(action.app, old_ebin, ebins, {
                 m: ebins[0] / f"{m}.beam"
                 for m in (entry.modules if changed is None else changed)},
                 {k.name: v for k, v in entry.env.items()})
         except AgentOpError as exc:
-            if exc.op == "restart_app" and exc.unsupported:
+            unsupported = exc.op == "restart_app" and exc.unsupported
+            _settle_root(staged, commit=not unsupported and exc.op not in (
+                "app_stop", "app_unload", "del_path"))
+            if unsupported:
                 return None
-            if exc.op not in ("app_stop", "app_unload", "del_path"):
-                self.roots.set("host", entry.name, str(entry.output))
             raise
+        except BaseException:
+            _settle_root(staged, commit=False)
+            raise
+        prepared = staged.result()
+        if prepared is not None:
+            prepared.commit()
         self._now_runs(entry)
         return "restarted"
 
@@ -501,3 +514,16 @@ class EmbeddedActivator(Activator):
 
 def _managed(entry: AppEntry) -> ManagedApp:
     return ManagedApp(entry.name, entry.version, str(entry.output), entry.isolation)
+
+
+def _settle_root(staged: Future[PreparedRoot | None], *, commit: bool) -> None:
+    """After a failed restart: make the prepared root the app's root (the old code was
+    stopped) or drop it. A root that could not be written is left to the next activation:
+    the failure being reported matters more."""
+    with contextlib.suppress(BstoreError):
+        prepared = staged.result()
+        if prepared is not None:
+            if commit:
+                prepared.commit()
+            else:
+                prepared.discard()

@@ -28,6 +28,7 @@ import contextlib
 import os
 import secrets
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from bstore.errors import BstoreError
@@ -39,6 +40,31 @@ GROUPS = ("host", "vm")
 
 class RunningRootsError(BstoreError):
     """A GC root for running code that cannot be written or removed."""
+
+
+@dataclass(frozen=True)
+class PreparedRoot:
+    """A root link written under a temporary name (:meth:`RunningRoots.prepare`)."""
+
+    temp: Path
+    link: Path
+    target: str
+
+    def commit(self) -> None:
+        """Make it the app's root (atomically replacing the previous one)."""
+        try:
+            os.rename(self.temp, self.link)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(self.temp)
+            raise RunningRootsError(f"cannot write GC root {self.link} -> {self.target}: {exc}",
+                                    hint="check the permissions of the state directory"
+                                    ) from exc
+
+    def discard(self) -> None:
+        """Drop it: the app's root stays as it was."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.temp)
 
 
 class RunningRoots:
@@ -68,6 +94,16 @@ class RunningRoots:
 
     def set(self, group: str, app: str, output: str) -> None:
         """Root ``output`` (a store path base name) for ``app`` in ``group``."""
+        prepared = self.prepare(group, app, output)
+        if prepared is not None:
+            prepared.commit()
+
+    def prepare(self, group: str, app: str, output: str) -> PreparedRoot | None:
+        """Write the link that will root ``output`` for ``app`` under a temporary name
+        (itself a root: GC counts every link here), to become ``app``'s root with one
+        ``rename`` (:meth:`PreparedRoot.commit`) once the code it roots runs. None when
+        ``app``'s root already is ``output``. Creating the link is the slow part on some
+        filesystems; the embedded activator does it while the node restarts the app."""
         try:
             StorePath.parse(output)
         except InvalidStorePath as exc:
@@ -80,18 +116,21 @@ class RunningRoots:
         target = str(self.store_dir / output)
         try:
             if os.readlink(link) == target:
-                return
+                return None
         except OSError:
             pass
+        tmp = directory / f".{app}.tmp-{secrets.token_hex(4)}"
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            tmp = directory / f".{app}.tmp-{secrets.token_hex(4)}"
-            os.symlink(target, tmp)
-            os.rename(tmp, link)
+            try:
+                os.symlink(target, tmp)
+            except FileNotFoundError:
+                directory.mkdir(parents=True, exist_ok=True)
+                os.symlink(target, tmp)
         except OSError as exc:
             raise RunningRootsError(f"cannot write GC root {link} -> {target}: {exc}",
                                     hint="check the permissions of the state directory"
                                     ) from exc
+        return PreparedRoot(tmp, link, target)
 
     def remove(self, group: str, app: str) -> None:
         """Drop ``app``'s root in ``group`` (its node stopped or it left the node)."""

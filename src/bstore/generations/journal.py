@@ -23,11 +23,10 @@ is replaced by ``rename``). :func:`recover` then looks at where the profile poin
 
 Durability. The journal guards against bstore being killed, and a killed process loses
 nothing it wrote: so writing the journal needs no fsync. What a power loss must not undo
-is the switch a command reported done: the fsync of ``profiles/`` that removes the journal
-(:func:`clear_journal`). A power loss ends every node too, and nodes boot into whatever
-generation the profile names, so a journal lost or torn by it (empty or zero-filled:
-written, renamed, not yet on disk) recorded nothing that is still to do; :func:`recover`
-drops it.
+is the switch a command reported done: the switch's fsync of ``profiles/`` (:mod:`.switch`).
+A power loss ends every node too, and nodes boot into whatever generation the profile
+names, so a journal lost or torn by it (empty or zero-filled: written, renamed, not yet on
+disk) recorded nothing that is still to do; :func:`recover` drops it.
 
 Crash points (``BSTORE_CRASH_AT``, see :mod:`bstore.store.crash`): :data:`CRASH_POINTS`.
 """
@@ -196,12 +195,13 @@ def write_journal(profile: Profile, journal: Journal, *, first: bool = False) ->
                            hint="check the permissions of the profiles directory") from exc
 
 
-def clear_journal(profile: Profile) -> None:
-    """Remove the journal and make that, and every link change before it, durable: the
-    switch is complete."""
+def clear_journal(profile: Profile, *, sync: bool = True) -> None:
+    """Remove the journal: the switch is complete. ``sync`` (default) makes that, and
+    every link change before it, durable."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(profile.journal_path)
-    profile.sync()
+    if sync:
+        profile.sync()
 
 
 #: Re-runs an interrupted activation: ``(from generation or None, to generation)``.

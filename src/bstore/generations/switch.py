@@ -5,10 +5,14 @@ interrupted earlier switch is finished or reverted, then the intent is recorded,
 links are replaced (temp symlink + ``rename``), the optional activation hook runs, and
 the journal is removed.
 
-A switch to an existing generation fsyncs ``profiles/`` once, when it is complete (or
-undone): a power loss before that ends every node as well, and they boot into whichever
-whole generation the profile names; the journal needs no fsync (:mod:`.journal`,
-"Durability"). A new generation's link is made durable before the profile points at it.
+Durability: a switch fsyncs ``profiles/`` once, on a background thread as soon as the
+profile link is renamed, so the activation does not wait behind the disk; the switch
+waits for it before it returns. A power loss before that ends every node as well, and
+they boot into whichever whole generation the profile names; the journal needs no fsync
+of its own (:mod:`.journal`, "Durability"), not even its removal: brought back by a power
+loss, it names a switch whose activation recovery runs again and finds done. Undoing a
+failed activation is made durable before the error goes up. A new generation's link is
+made durable before the profile points at it.
 
 The hook is how the layer above (activators) takes part without this layer knowing about
 it: it receives the old and new generation links; if it raises, the profile is switched
@@ -24,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from bstore.background import in_background
 from bstore.generations.generation import load_generation, write_generation
 from bstore.generations.journal import (
     FinishActivation,
@@ -76,19 +81,21 @@ def _switch(profile: Profile, operation: str, target: StorePath, number: int | N
         crash_point("gen-after-link")
         write_journal(profile, _step(journal, Step.SWITCHED))
     profile.set_current(to_number, sync=False)
+    synced = in_background(profile.sync)
     crash_point("gen-after-switch")
     new = profile.get(to_number)
     if hook is not None:
         try:
             hook(old, new)
         except BaseException:
+            synced.result()
             if old is not None:
                 profile.set_current(old.number, sync=False)
             clear_journal(profile)
             raise
         crash_point("gen-after-activate")
-    # One fsync of profiles/ makes the switch (or its undoing, above) durable.
-    clear_journal(profile)
+    synced.result()
+    clear_journal(profile, sync=False)
     return SwitchResult(old, new, False, recovered)
 
 
