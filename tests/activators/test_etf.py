@@ -479,12 +479,12 @@ def test_encoding_depth_is_bounded_only_by_its_limit() -> None:
 
 def _big_term_blob() -> bytes:
     blob = encode([(Atom("a"), [n], {n: b"x"}) for n in range(10_000)])
-    assert len(blob) > 64 * 1024  # the size from which decode pauses the collector
+    assert len(blob) > 64 * 1024
     return blob
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_big_decodes_leave_the_collector_as_they_found_it(enabled: bool) -> None:
+def test_decoding_leaves_the_collector_alone(enabled: bool) -> None:
     blob = _big_term_blob()
     was = gc.isenabled()
     try:
@@ -504,28 +504,7 @@ def test_big_decodes_leave_the_collector_as_they_found_it(enabled: bool) -> None
             gc.disable()
 
 
-def test_big_decodes_run_no_collection() -> None:
-    blob = _big_term_blob()
-    collections: list[str] = []
 
-    def record(phase: str, info: dict[str, int]) -> None:
-        collections.append(phase)
-
-    thresholds, was = gc.get_threshold(), gc.isenabled()
-    gc.set_threshold(10)
-    gc.enable()
-    gc.callbacks.append(record)
-    try:
-        decode(blob)
-        during = len(collections)
-        [[] for _ in range(1000)]  # and the collector runs again afterwards
-    finally:
-        gc.callbacks.remove(record)
-        gc.set_threshold(*thresholds)
-        if not was:
-            gc.disable()
-    assert during == 0
-    assert collections
 
 
 def test_compressed_and_old_encodings_are_read() -> None:
