@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -13,6 +14,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -550,6 +552,90 @@ def test_recycled_pid_is_never_signalled(tmp_path: Path) -> None:
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_liveness_follows_the_recorded_process_only(tmp_path: Path) -> None:
+    host = HostNode(tmp_path / "st", "watched")
+    host.paths.directory.mkdir(parents=True, mode=0o700)
+
+    def record(pid: int, start_time: int) -> None:
+        host.paths.record.write_text(
+            f'{{"pid": {pid}, "start_time": {start_time}, '
+            f'"socket": "{host.paths.socket}", "node_name": null}}'
+        )
+
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        start_time = process_start_time(child.pid)
+        assert start_time is not None
+        record(child.pid, start_time - 1)  # the pid of another process than recorded
+        assert not host.is_running()
+        record(child.pid, start_time)
+        assert host.is_running() and host.is_running()  # the second: one poll, no /proc
+        child.kill()
+        child.wait()
+        assert not host.is_running()
+        assert not host.is_running()
+    finally:
+        child.kill()
+        child.wait()
+    # our own child that died unreaped is reaped by the check (no zombie left behind)
+    zombie = subprocess.Popen(["sleep", "0.3"])
+    zombie_start = process_start_time(zombie.pid)
+    assert zombie_start is not None
+    record(zombie.pid, zombie_start)
+    assert host.is_running()
+    deadline = time.monotonic() + 10
+    # exited, not reaped: process_start_time no longer sees it, the pidfd says so too
+    while process_start_time(zombie.pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not host.is_running()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(zombie.pid, os.WNOHANG)
+
+
+# The main thread ends first (a zombie in /proc), another one goes on for a while: how a
+# BEAM looks while its schedulers tear down after init:stop().
+_LEADER_EXITS_FIRST = """
+import ctypes, threading, time
+def finish():
+    time.sleep(1.0)
+    import os
+    os._exit(0)
+threading.Thread(target=finish).start()
+print("up", flush=True)
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+def test_stop_waits_for_every_thread_of_the_node(tmp_path: Path) -> None:
+    host = HostNode(tmp_path / "st", "dying")
+    host.paths.directory.mkdir(parents=True, mode=0o700)
+    child = subprocess.Popen([sys.executable, "-c", _LEADER_EXITS_FIRST],
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "up\n"
+        start_time = process_start_time(child.pid)
+        if start_time is None:  # already a zombie leader: read the start time from /proc
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            start_time = int(fields[19])
+        host.paths.record.write_text(
+            f'{{"pid": {child.pid}, "start_time": {start_time}, '
+            f'"socket": "{host.paths.socket}", "node_name": null}}'
+        )
+        record = host.read_record()
+        assert record is not None
+        deadline = time.monotonic() + 5
+        while process_start_time(child.pid) is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert child.poll() is None  # /proc says zombie, yet the process is still there
+        # the wait lasts until the last thread is gone, not until the main one is
+        assert host._wait_gone(record, 10.0)
+        assert child.poll() is not None or not Path(f"/proc/{child.pid}").exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+        child.wait()
 
 
 @pytest.mark.parametrize(

@@ -26,11 +26,13 @@ import hashlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import stat
 import subprocess
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -211,6 +213,20 @@ def _pinned(record: NodeRecord) -> Iterator[int | None]:
         os.close(fd)
 
 
+def _pidfd_of(record: NodeRecord) -> int | None:
+    """A pidfd for the recorded process, exiting or not (its main thread may already be a
+    zombie); None when it is gone or the pid now names another process."""
+    try:
+        fd = os.pidfd_open(record.pid)
+    except OSError:
+        return None
+    stat = _proc_stat(record.pid)
+    if stat is None or stat[1] != record.start_time:
+        os.close(fd)
+        return None
+    return fd
+
+
 def _reap(record: NodeRecord) -> None:
     # A node started by this very process becomes our zombie when it dies. Reap only
     # that zombie: waiting on a recycled pid could steal another child's exit status.
@@ -220,24 +236,71 @@ def _reap(record: NodeRecord) -> None:
 
 
 def _is_running(record: NodeRecord) -> bool:
-    stat = _proc_stat(record.pid)
-    if stat == ("Z", record.start_time):
-        _reap(record)
-        return False
-    return stat is not None and stat[0] != "Z" and stat[1] == record.start_time
+    _reap(record)
+    return process_start_time(record.pid) == record.start_time
+
+
+class _ProcessWatch:
+    """A pidfd on a recorded node process, opened once and checked against the record's
+    start time then: while it is open the kernel cannot reuse the pid, so whether the
+    process still runs is one poll of the pidfd instead of a read of ``/proc`` (which for
+    a VM with dozens of threads costs tens of microseconds, on every action)."""
+
+    def __init__(self) -> None:
+        self._record: NodeRecord | None = None
+        self._fd: int | None = None
+        self._finalizer = weakref.finalize(self, _ProcessWatch._close_fd, [None])
+
+    @staticmethod
+    def _close_fd(box: list[int | None]) -> None:
+        if box[0] is not None:
+            with contextlib.suppress(OSError):
+                os.close(box[0])
+            box[0] = None
+
+    def _forget(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._record, self._fd = None, None
+        self._finalizer.detach()
+
+    def alive(self, record: NodeRecord) -> bool:
+        """Whether the process ``record`` names runs (reaping it if it is our zombie)."""
+        if record != self._record or self._fd is None:
+            self._forget()
+            try:
+                fd = os.pidfd_open(record.pid)
+            except OSError:
+                return _is_running(record)  # gone, or no pidfds here
+            if not _is_running(record):
+                os.close(fd)
+                return False
+            self._record, self._fd = record, fd
+            self._finalizer = weakref.finalize(self, _ProcessWatch._close_fd, [fd])
+        readable, _, _ = select.select([self._fd], [], [], 0)
+        if readable:  # it exited
+            self._forget()
+            _reap(record)
+            return False
+        return True
 
 
 class HostNode:
     """Control of the host node of ``profile`` under ``state_dir`` (no process is kept)."""
 
-    def __init__(self, state_dir: Path, profile: str, *, erl: str = "erl") -> None:
+    def __init__(self, state_dir: Path, profile: str, *, erl: str = "erl",
+                 paths: NodePaths | None = None) -> None:
         self.profile = profile
-        self.paths = NodePaths.for_profile(state_dir, profile)
+        self.paths = paths if paths is not None else NodePaths.for_profile(state_dir, profile)
         self.erl = erl
         #: Called after :meth:`stop` found the node gone (e.g. to drop its GC roots).
         self.on_stopped: list[Callable[[], None]] = []
-        #: The last record read, by the file's identity (every write renames a new file).
-        self._record_seen: tuple[tuple[int, int, int], NodeRecord] | None = None
+        #: The last record read, with the bytes it was parsed from (a file's identity by
+        #: inode, size and mtime is not enough: a rewrite within one clock tick of the
+        #: filesystem can reuse all three).
+        self._record_seen: tuple[bytes, NodeRecord] | None = None
+        self._watch = _ProcessWatch()
 
     # ------------------------------------------------------------ files
 
@@ -270,11 +333,10 @@ class HostNode:
     def read_record(self) -> NodeRecord | None:
         """The pid record, or None when there is none (a corrupt one is an error)."""
         try:
-            st = os.stat(self.paths.record)
-            key = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if self._record_seen is not None and self._record_seen[0] == key:
+            raw = self.paths.record.read_bytes()
+            if self._record_seen is not None and self._record_seen[0] == raw:
                 return self._record_seen[1]
-            data = json.loads(self.paths.record.read_text(encoding="utf-8"))
+            data = json.loads(raw.decode("utf-8"))
             record = NodeRecord(
                 pid=int(data["pid"]),
                 start_time=int(data["start_time"]),
@@ -283,7 +345,7 @@ class HostNode:
                 argv=tuple(str(a) for a in data.get("argv", [])),
                 started_at=float(data.get("started_at", 0.0)),
             )
-            self._record_seen = (key, record)
+            self._record_seen = (raw, record)
             return record
         except FileNotFoundError:
             return None
@@ -459,7 +521,7 @@ class HostNode:
     def is_running(self) -> bool:
         """Whether the recorded node process is alive (no question to its agent)."""
         record = self.read_record()
-        return record is not None and _is_running(record)
+        return record is not None and self._watch.alive(record)
 
     def status(self, timeout: float = 5.0) -> HostNodeStatus:
         """Whether the node runs, whether its agent answers, and its ``node_info``."""
@@ -570,9 +632,20 @@ class HostNode:
             return True
 
     def _wait_gone(self, record: NodeRecord, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while _is_running(record):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(_POLL)
-        return True
+        """Wait until the recorded process has exited completely, every thread of it.
+
+        Not "until /proc says zombie": a BEAM's main thread ends first and makes the
+        process look like a zombie while its other threads still tear down, and waitpid
+        does not report it yet. A pidfd becomes readable only when the whole thread group
+        has exited."""
+        fd = _pidfd_of(record)
+        if fd is None:
+            _reap(record)
+            return True
+        try:
+            ready, _, _ = select.select([fd], [], [], timeout)
+        finally:
+            os.close(fd)
+        if ready:
+            _reap(record)
+        return bool(ready)

@@ -201,14 +201,10 @@ class _GuestNode(HostNode):
     (for the exit status) and moves the VM into its cgroup right after the spawn."""
 
     def __init__(self, directory: Path, label: str, cgroup: Cgroup | None) -> None:
-        # Not HostNode.__init__: the directory is not <state>/nodes/<profile>.
-        self.profile = label
-        self.erl = "erl"
-        self.paths = NodePaths.in_directory(directory)
+        # The files live in the VM's directory, not in <state>/nodes/<profile>.
+        super().__init__(directory, label, paths=NodePaths.in_directory(directory))
         self.cgroup = cgroup
         self.proc: subprocess.Popen[bytes] | None = None
-        self.on_stopped = []
-        self._record_seen = None
 
     def _spawn(self, argv: list[str],
                env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
