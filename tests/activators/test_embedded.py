@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -266,6 +267,32 @@ def test_host_node_comes_back_in_the_active_generation(
     apps = running_apps(act)
     assert (apps["alpha"], apps["beta"]) == ("2.0.0", "1.0.0")
     assert read_state(work, "alpha")[1] == 2
+
+
+def test_the_plans_connection_serves_only_its_own_apply(act: EmbeddedActivator,
+                                                        gens: Gens) -> None:
+    g1 = gens(AppDef("alpha"), AppDef("beta"))
+    assert activate(act, None, g1)[1].ok
+    g2 = gens(AppDef("alpha", "2.0.0", variant=2), AppDef("beta"))
+    # planned in another thread: apply opens its own connection
+    planned: list[list[Action]] = []
+    worker = threading.Thread(target=lambda: planned.append(act.plan(g1, g2)))
+    worker.start()
+    worker.join()
+    assert act.apply(planned[0]).ok
+    assert running_apps(act)["alpha"] == "2.0.0"
+    # planned, then the node dies: apply starts a new node, not a dead connection
+    actions = act.plan(g2, g1)
+    record = act.node.read_record()
+    assert record is not None
+    os.killpg(record.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while act.node.is_running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    result = act.apply(actions)
+    assert act.node.read_record() != record
+    # the new node had none of the apps: the restart of alpha loads it afresh there
+    assert {o.action.app: o.ok for o in result.outcomes}["alpha"], result.to_json()
 
 
 def test_apply_without_plan_is_refused(act: EmbeddedActivator) -> None:

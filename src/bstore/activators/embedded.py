@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -53,7 +54,7 @@ from bstore.activators.base import (
 )
 from bstore.activators.gcroots import PreparedRoot, RunningRoots
 from bstore.activators.health import HealthSchedule, probe
-from bstore.activators.hostnode import HostNode, HostNodeStatus
+from bstore.activators.hostnode import HostNode, HostNodeStatus, NodeRecord
 from bstore.activators.nodeops import (
     app_ebin,
     closure_ebins,
@@ -140,6 +141,10 @@ class EmbeddedActivator(Activator):
         self._old: GenerationManifest | None = None
         self._new: GenerationManifest | None = None
         self._client: AgentClient | None = None
+        #: The connection current_state() asked the running apps through, kept for an
+        #: apply() that follows in the same thread on the same node process: one
+        #: connection per activation instead of two.
+        self._spare: tuple[int, NodeRecord, AgentClient] | None = None
         #: Apps the agent just started in the host node (ensure_all_started answered ok):
         #: for an app without a health spec ("healthy = running") that answer is the
         #: first probe. Only the first: a settle probe still asks the node.
@@ -207,6 +212,7 @@ class EmbeddedActivator(Activator):
 
     def shutdown(self) -> str:
         """Stop every VM of the profile, then the host node (how it ended)."""
+        self._drop_spare()
         self.vms.stop_all()
         return self.node.stop()
 
@@ -249,12 +255,41 @@ class EmbeddedActivator(Activator):
     def _connected(self) -> Iterator[AgentClient]:
         if not self.node.is_running():
             self._start_node([])
-        with self.node.client() as client:
+        with self._take_spare() or self.node.client() as client:
             self._client = client
             try:
                 yield client
             finally:
                 self._client = None
+
+    def _query_client(self) -> AgentClient:
+        """The connection for a question to the host node: apply()'s while it runs, else
+        a new one, kept as the spare for the next apply()."""
+        if self._client is not None:
+            return self._client
+        self._drop_spare()
+        record = self.node.read_record()
+        client = self.node.client(10.0)
+        if record is not None:
+            self._spare = (threading.get_ident(), record, client)
+        return client
+
+    def _take_spare(self) -> AgentClient | None:
+        """The spare connection, if it was opened by this thread to the node that runs."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        thread, record, client = spare
+        if thread == threading.get_ident() and record == self.node.read_record():
+            client.timeout = 30.0
+            return client
+        client.close()
+        return None
+
+    def _drop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare[2].close()
 
     def _host(self) -> AgentClient:
         if self._client is None:
@@ -308,9 +343,9 @@ class EmbeddedActivator(Activator):
         running: dict[str, str] | None = None
         if records and self.node.is_running():
             try:
-                with self.node.client(10.0) as client:
-                    running = client.running_versions()
+                running = self._query_client().running_versions()
             except AgentError:
+                self._drop_spare()
                 running = None
         for name, rec in records.items():
             if running is None:
