@@ -28,7 +28,8 @@ from bstore.activators.agent_client import (
     LingeringProcessesError,
 )
 from bstore.activators.etf import decode, encode
-from bstore.activators.hostnode import HostNode, HostNodeError, process_start_time
+from bstore.activators.hostnode import HostNode, HostNodeError
+from bstore.activators.processes import process_start_time, wait_gone
 from bstore.activators.vmterms import Pid
 from bstore.specs.terms.model import Atom
 
@@ -630,7 +631,7 @@ def test_stop_waits_for_every_thread_of_the_node(tmp_path: Path) -> None:
             time.sleep(0.01)
         assert child.poll() is None  # /proc says zombie, yet the process is still there
         # the wait lasts until the last thread is gone, not until the main one is
-        assert host._wait_gone(record, 10.0)
+        assert wait_gone(record, 10.0)
         assert child.poll() is not None or not Path(f"/proc/{child.pid}").exists()
     finally:
         with contextlib.suppress(ProcessLookupError):

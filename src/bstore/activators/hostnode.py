@@ -26,18 +26,23 @@ import hashlib
 import json
 import os
 import re
-import select
 import shutil
 import signal
 import stat
 import subprocess
 import time
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bstore.activators.agent_client import AgentClient, AgentError, NodeInfo
+from bstore.activators.processes import (
+    ProcessWatch,
+    pinned,
+    process_start_time,
+    wait_gone,
+)
+from bstore.activators.processes import is_running as process_running
 from bstore.errors import BstoreError
 
 _PROFILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -176,116 +181,6 @@ class HostNodeStatus:
     problem: str | None = None
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks since boot) of ``pid``, None if gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    if len(fields) < 20:
-        return None
-    return fields[0].decode("ascii", "replace"), int(fields[19])
-
-
-def process_start_time(pid: int) -> int | None:
-    """The kernel start time (clock ticks since boot) of ``pid``, None if it is gone or a zombie."""
-    stat = _proc_stat(pid)
-    return None if stat is None or stat[0] == "Z" else stat[1]
-
-
-@contextlib.contextmanager
-def _pinned(record: NodeRecord) -> Iterator[int | None]:
-    """A pidfd for the recorded process if it is still that process, else None.
-
-    While the pidfd is open the kernel cannot hand the pid (and so the pgid) to a new
-    process, so a check made here stays true until the signal is sent.
-    """
-    try:
-        fd = os.pidfd_open(record.pid)
-    except OSError:
-        yield None
-        return
-    try:
-        yield fd if process_start_time(record.pid) == record.start_time else None
-    finally:
-        os.close(fd)
-
-
-def _pidfd_of(record: NodeRecord) -> int | None:
-    """A pidfd for the recorded process, exiting or not (its main thread may already be a
-    zombie); None when it is gone or the pid now names another process."""
-    try:
-        fd = os.pidfd_open(record.pid)
-    except OSError:
-        return None
-    stat = _proc_stat(record.pid)
-    if stat is None or stat[1] != record.start_time:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _reap(record: NodeRecord) -> None:
-    # A node started by this very process becomes our zombie when it dies. Reap only
-    # that zombie: waiting on a recycled pid could steal another child's exit status.
-    if _proc_stat(record.pid) == ("Z", record.start_time):
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(record.pid, os.WNOHANG)
-
-
-def _is_running(record: NodeRecord) -> bool:
-    _reap(record)
-    return process_start_time(record.pid) == record.start_time
-
-
-class _ProcessWatch:
-    """A pidfd on a recorded node process, opened once and checked against the record's
-    start time then: while it is open the kernel cannot reuse the pid, so whether the
-    process still runs is one poll of the pidfd instead of a read of ``/proc`` (which for
-    a VM with dozens of threads costs tens of microseconds, on every action)."""
-
-    def __init__(self) -> None:
-        self._record: NodeRecord | None = None
-        self._fd: int | None = None
-        self._finalizer = weakref.finalize(self, _ProcessWatch._close_fd, [None])
-
-    @staticmethod
-    def _close_fd(box: list[int | None]) -> None:
-        if box[0] is not None:
-            with contextlib.suppress(OSError):
-                os.close(box[0])
-            box[0] = None
-
-    def _forget(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-        self._record, self._fd = None, None
-        self._finalizer.detach()
-
-    def alive(self, record: NodeRecord) -> bool:
-        """Whether the process ``record`` names runs (reaping it if it is our zombie)."""
-        if record != self._record or self._fd is None:
-            self._forget()
-            try:
-                fd = os.pidfd_open(record.pid)
-            except OSError:
-                return _is_running(record)  # gone, or no pidfds here
-            if not _is_running(record):
-                os.close(fd)
-                return False
-            self._record, self._fd = record, fd
-            self._finalizer = weakref.finalize(self, _ProcessWatch._close_fd, [fd])
-        readable, _, _ = select.select([self._fd], [], [], 0)
-        if readable:  # it exited
-            self._forget()
-            _reap(record)
-            return False
-        return True
-
-
 class HostNode:
     """Control of the host node of ``profile`` under ``state_dir`` (no process is kept)."""
 
@@ -300,7 +195,7 @@ class HostNode:
         #: inode, size and mtime is not enough: a rewrite within one clock tick of the
         #: filesystem can reuse all three).
         self._record_seen: tuple[bytes, NodeRecord] | None = None
-        self._watch = _ProcessWatch()
+        self._watch = ProcessWatch()
 
     # ------------------------------------------------------------ files
 
@@ -426,7 +321,7 @@ class HostNode:
             raise HostNodeError(f"cannot start node {self.profile}: {self.erl!r} not found")
         with self._locked():
             old = self.read_record()
-            if old is not None and _is_running(old):
+            if old is not None and process_running(old):
                 raise HostNodeError(
                     f"host node of profile {self.profile} already runs (pid {old.pid})",
                     hint="bstore node stop, or bstore node status",
@@ -509,7 +404,7 @@ class HostNode:
                     last = exc.message
             time.sleep(_POLL)
         self._signal_group(record, signal.SIGKILL)
-        self._wait_gone(record, 5.0)
+        wait_gone(record, 5.0)
         self._clear_record()
         raise HostNodeError(
             f"host node of profile {self.profile} did not answer within {timeout} s ({last}); "
@@ -527,7 +422,7 @@ class HostNode:
         """Whether the node runs, whether its agent answers, and its ``node_info``."""
         record = self.read_record()
         profile, sock, log = self.profile, self.paths.socket, self.paths.log
-        if record is None or not _is_running(record):
+        if record is None or not process_running(record):
             problem = None if record is None else "recorded process is gone (stale record)"
             return HostNodeStatus(
                 running=False,
@@ -578,14 +473,14 @@ class HostNode:
         """
         with self._locked():
             record = self.read_record()
-            if record is None or not _is_running(record):
+            if record is None or not process_running(record):
                 self._clear_record()
                 self._run_stopped_hooks()
                 return "not_running"
             ask_timeout = min(5.0, graceful_timeout)
             with contextlib.suppress(AgentError), self.client(ask_timeout) as client:
                 client.stop_node()
-                if self._wait_gone(record, graceful_timeout):
+                if wait_gone(record, graceful_timeout):
                     return self._stopped(record, "graceful")
             for sig, wait, outcome in (
                 (signal.SIGTERM, term_timeout, "terminated"),
@@ -593,7 +488,7 @@ class HostNode:
             ):
                 if not self._signal_group(record, sig):
                     return self._stopped(record, outcome)
-                if self._wait_gone(record, wait):
+                if wait_gone(record, wait):
                     return self._stopped(record, outcome)
             raise HostNodeError(
                 f"host node of profile {self.profile} (pid {record.pid}) survived SIGKILL"
@@ -603,7 +498,7 @@ class HostNode:
         self._clear_record()
         # The agent leaves its socket behind when the node is killed.
         with contextlib.suppress(FileNotFoundError):
-            if not _is_running(record):
+            if not process_running(record):
                 self.paths.socket.unlink()
         if self.paths.socket_outside:
             # The short directory is only the socket's; a leftover of it would pile up in /tmp.
@@ -618,7 +513,7 @@ class HostNode:
 
     def _signal_group(self, record: NodeRecord, sig: signal.Signals) -> bool:
         """Signal the node's process group if the leader is still the recorded process."""
-        with _pinned(record) as fd:
+        with pinned(record) as fd:
             if fd is None:
                 return False
             try:
@@ -630,22 +525,3 @@ class HostNode:
                     f"cannot signal host node of profile {self.profile} (pid {record.pid}): {exc}"
                 ) from exc
             return True
-
-    def _wait_gone(self, record: NodeRecord, timeout: float) -> bool:
-        """Wait until the recorded process has exited completely, every thread of it.
-
-        Not "until /proc says zombie": a BEAM's main thread ends first and makes the
-        process look like a zombie while its other threads still tear down, and waitpid
-        does not report it yet. A pidfd becomes readable only when the whole thread group
-        has exited."""
-        fd = _pidfd_of(record)
-        if fd is None:
-            _reap(record)
-            return True
-        try:
-            ready, _, _ = select.select([fd], [], [], timeout)
-        finally:
-            os.close(fd)
-        if ready:
-            _reap(record)
-        return bool(ready)
