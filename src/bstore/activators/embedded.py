@@ -218,7 +218,8 @@ class EmbeddedActivator(Activator):
 
     def supervise_once(self) -> list[str]:
         """Bring a host node that died back in the active generation, and restart dead VMs
-        (with backoff, see :class:`~bstore.activators.vm.Supervisor`). Returns what it did."""
+        (with backoff, see :class:`~bstore.activators.vm_supervisor.Supervisor`). Returns
+        what it did."""
         done: list[str] = []
         record = self.node.read_record()
         if record is not None and not self.node.status().running:

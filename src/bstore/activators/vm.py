@@ -19,32 +19,29 @@ The cookie is never on a command line (:mod:`.cookie`). When the profile's host 
 distributed, the VM connects to it at boot (``sync_nodes_optional``) and so joins its
 cluster; :meth:`VmActivator.current_state` reports whether it is connected. The kernel
 connects only at boot, so a guest that outlives a restart of the host node is asked to
-reconnect (the agent's ``connect_node``) by :meth:`Supervisor.poll` and by the host's boot.
+reconnect (the agent's ``connect_node``) by the supervisor's poll and by the host's boot.
 While a VM runs, its app's output is a GC root (``gcroots/nodes/<profile>/vm/<app>``).
 
-A VM that dies is restarted by :class:`Supervisor` with exponential backoff; after more
-than ``burst`` crashes within ``window`` seconds the app is ``failed`` with the reason of
-the last death: ``oom`` when the cgroup's OOM counter or the VM itself says so, else the
-exit status or the crash dump's slogan. Supervision runs in whichever bstore process is
-long-lived (:meth:`Supervisor.run` in a thread); a one-shot command calls
-:meth:`Supervisor.poll` and so restarts VMs found dead on its next run. Stopping is
-graceful through the agent, then SIGTERM, then SIGKILL of the VM's process group, never
-signalling a recycled pid (:class:`~bstore.activators.hostnode.HostNode` does it).
+A VM that dies is restarted by :class:`~bstore.activators.vm_supervisor.Supervisor` with
+exponential backoff; after more than ``burst`` crashes within ``window`` seconds the app
+is ``failed`` with the reason of the last death: ``oom`` when the cgroup's OOM counter or
+the VM itself says so, else the exit status or the crash dump's slogan. Supervision runs
+in whichever bstore process is long-lived (``Supervisor.run`` in a thread); a one-shot
+command calls ``Supervisor.poll`` and so restarts VMs found dead on its next run.
+Stopping is graceful through the agent, then SIGTERM, then SIGKILL of the VM's process
+group, never signalling a recycled pid (:class:`~bstore.activators.hostnode.HostNode`
+does it). One guest's files and process: :mod:`.vm_guest`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
 import signal
-import subprocess
 import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bstore.activators.agent_client import AgentClient, AgentError
@@ -55,11 +52,11 @@ from bstore.activators.base import (
     ApplyResult,
     HealthResult,
 )
-from bstore.activators.cgroups import BSTORE_GROUP, Cgroup, CgroupError, CgroupSupport, detect
+from bstore.activators.cgroups import BSTORE_GROUP, Cgroup, CgroupSupport, detect
 from bstore.activators.cookie import cookie_home, resolve_cookie, vm_environment
 from bstore.activators.gcroots import RunningRoots
 from bstore.activators.health import probe
-from bstore.activators.hostnode import HostNode, HostNodeError, NodePaths
+from bstore.activators.hostnode import HostNode, HostNodeError
 from bstore.activators.nodeops import (
     closure_ebins,
     reconfigure_app,
@@ -68,6 +65,15 @@ from bstore.activators.nodeops import (
     start_app,
 )
 from bstore.activators.plan import Action, AppStatus, RunningState, plan
+from bstore.activators.vm_guest import (
+    Guest,
+    GuestNode,
+    VmState,
+    last_run_log,
+    read_entry,
+    slogan,
+)
+from bstore.activators.vm_supervisor import Supervisor
 from bstore.errors import BstoreError
 from bstore.generations.manifest import AppEntry, GenerationManifest, parse_manifest
 from bstore.specs.model import Isolation, SourceType, valid_app_name
@@ -76,19 +82,13 @@ from bstore.specs.terms.model import Atom
 #: Restarts allowed within WINDOW seconds before an app is failed.
 DEFAULT_BURST = 3
 DEFAULT_WINDOW = 60.0
-#: First restart delay; doubled for each crash in the window, capped.
+#: First restart delay; doubled for each crash in the window, capped (vm_supervisor).
 DEFAULT_BACKOFF = 0.5
-MAX_BACKOFF = 30.0
 #: A VM's log lines that mean its allocators ran out of the memory it may use.
 _OOM_RE = re.compile(rb"Cannot allocate \d+ bytes of memory")
-_SLOGAN_RE = re.compile(rb"^Slogan: (.*)$", re.MULTILINE)
-_START_MARK = b"--- bstore: starting "
 DEFAULT_HEALTH_WAIT = 5.0
 #: A healthy probe is confirmed this many seconds later (catches fast crash loops).
 DEFAULT_SETTLE = 0.3
-#: How long a guest that lost its link may take to finish dying before the loss is
-#: reported as "node down" (a SIGKILLed VM closes its sockets before it exits).
-EXIT_GRACE = 1.0
 
 
 class VmError(BstoreError):
@@ -157,118 +157,6 @@ def node_environment(context: ActivatorContext, home: Path) -> dict[str, str]:
     return env
 
 
-@dataclass
-class VmState:
-    """Supervision state of one VM (``vm.json``)."""
-
-    desired: bool = True
-    crashes: list[float] = field(default_factory=list)
-    failed: str | None = None
-    restart_at: float | None = None
-    last_exit: str | None = None
-    oom_baseline: int = 0
-    connected: bool | None = None
-
-    @classmethod
-    def read(cls, path: Path) -> VmState:
-        """The state in ``path`` (defaults when missing or unreadable)."""
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            return cls(bool(raw["desired"]), [float(t) for t in raw["crashes"]],
-                       raw.get("failed"), raw.get("restart_at"), raw.get("last_exit"),
-                       int(raw.get("oom_baseline", 0)), raw.get("connected"))
-        except (OSError, ValueError, KeyError, TypeError):
-            return cls()
-
-    def write(self, path: Path) -> None:
-        """Save atomically."""
-        data = json.dumps({"desired": self.desired, "crashes": self.crashes,
-                           "failed": self.failed, "restart_at": self.restart_at,
-                           "last_exit": self.last_exit, "oom_baseline": self.oom_baseline,
-                           "connected": self.connected}, indent=1).encode("utf-8")
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-
-
-class _GuestNode(HostNode):
-    """A HostNode whose files live in a VM's directory; remembers the ``Popen`` it spawned
-    (for the exit status) and moves the VM into its cgroup right after the spawn."""
-
-    def __init__(self, directory: Path, label: str, cgroup: Cgroup | None) -> None:
-        # The files live in the VM's directory, not in <state>/nodes/<profile>.
-        super().__init__(directory, label, paths=NodePaths.in_directory(directory))
-        self.cgroup = cgroup
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def _spawn(self, argv: list[str],
-               env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
-        proc = super()._spawn(argv, env)
-        self.proc = proc
-        if self.cgroup is not None:
-            try:
-                self.cgroup.add_pid(proc.pid)
-            except CgroupError:
-                # A VM that cannot be limited must not run unlimited.
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                raise
-        return proc
-
-
-@dataclass
-class Guest:
-    """One app's VM: its directory, node control, and the files in it."""
-
-    app: str
-    directory: Path
-    node: _GuestNode
-
-    @property
-    def state_file(self) -> Path:
-        """``vm.json``."""
-        return self.directory / "vm.json"
-
-    @property
-    def app_file(self) -> Path:
-        """``app.json``: the one-app manifest the VM is started from."""
-        return self.directory / "app.json"
-
-    def exited_within(self, timeout: float) -> bool:
-        """Whether the VM process is gone, or goes within ``timeout`` seconds."""
-        proc = self.node.proc
-        if proc is not None:
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                return False
-            return True
-        deadline = time.monotonic() + timeout
-        while self.running():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
-        return True
-
-    def running(self) -> bool:
-        """Whether the recorded VM process is alive."""
-        proc = self.node.proc
-        if proc is not None:
-            # Our own child: Popen reaps it and keeps the exit status (the generic check
-            # would reap it too and lose the status). Unreaped, its pid cannot be reused.
-            return proc.poll() is None
-        return self.node.status(timeout=5.0).running
-
-    def client(self, timeout: float = 30.0) -> AgentClient:
-        """A client for the VM's agent."""
-        return self.node.client(timeout)
-
-
 class VmActivator(Activator):
     """One VM per ``isolation => vm`` app (see the module docstring). Options: those of
     the embedded activator, plus ``restart_burst``, ``restart_window`` (s),
@@ -321,7 +209,7 @@ class VmActivator(Activator):
             if self.cgroups.base is not None:
                 cgroup = Cgroup(self.cgroups.base / BSTORE_GROUP
                                 / _cgroup_name(self.context.profile, app))
-            self._guests[app] = Guest(app, directory, _GuestNode(directory, f"{app} (vm)",
+            self._guests[app] = Guest(app, directory, GuestNode(directory, f"{app} (vm)",
                                                                  cgroup))
         return self._guests[app]
 
@@ -442,7 +330,7 @@ class VmActivator(Activator):
         node's cluster; else start it like :meth:`do_start`."""
         with self._lock:
             guest = self.guest(entry.name)
-            current = _read_entry(guest)
+            current = read_entry(guest)
             state = VmState.read(guest.state_file)
             if (current is not None and state.desired and state.failed is None
                     and current.output == entry.output and current.env == entry.env
@@ -497,7 +385,7 @@ class VmActivator(Activator):
     def do_reload(self, action: Action, entry: AppEntry) -> str:
         """Reload changed modules inside the VM (restart the VM if that fails)."""
         guest = self.guest(entry.name)
-        old = _read_entry(guest)
+        old = read_entry(guest)
         old_ebin = None if old is None else (self.store_dir / str(old.output) / "lib"
                                              / old.lib_name / "ebin")
         with guest.client() as client:
@@ -564,7 +452,7 @@ class VmActivator(Activator):
         out: dict[str, RunningState] = {}
         for app in known:
             guest = self.guest(app)
-            entry = _read_entry(guest)
+            entry = read_entry(guest)
             state = VmState.read(guest.state_file)
             if entry is None or not state.desired:
                 continue
@@ -602,7 +490,7 @@ class VmActivator(Activator):
 
     def health(self, app: str) -> HealthResult:
         """Check ``app`` in its VM now."""
-        entry = _read_entry(self.guest(app))
+        entry = read_entry(self.guest(app))
         if entry is None:
             return HealthResult(app, False, "no VM for this app")
         return self.probe(entry)
@@ -620,7 +508,7 @@ class VmActivator(Activator):
         cgroup = guest.node.cgroup
         if cgroup is not None and cgroup.oom_kills() > state.oom_baseline:
             return "oom"
-        log = _last_run_log(guest.node.paths.log)
+        log = last_run_log(guest.node.paths.log)
         if _OOM_RE.search(log):
             return "oom"
         parts = []
@@ -629,9 +517,9 @@ class VmActivator(Activator):
             code = proc.returncode
             parts.append(f"killed by {signal.Signals(-code).name}" if code < 0
                          else f"exit status {code}")
-        slogan = _slogan(guest.directory / "erl_crash.dump")
-        if slogan:
-            parts.append(f"crashed: {slogan}")
+        dump_slogan = slogan(guest.directory / "erl_crash.dump")
+        if dump_slogan:
+            parts.append(f"crashed: {dump_slogan}")
         return ", ".join(parts) or "exited"
 
 
@@ -672,121 +560,6 @@ class _VmOnly:
         return self.vms.probe(entry)
 
 
-class Supervisor:
-    """Restarts dead VMs with backoff; fails an app after too many crashes.
-
-    :meth:`poll` does one round (the daemon calls it periodically, a one-shot command
-    once); :meth:`run` polls in a thread until stopped. All state is in the VMs' files,
-    so any bstore process can supervise and none needs to have started the VMs.
-    """
-
-    def __init__(self, vms: VmActivator, *, clock: Callable[[], float] = time.time) -> None:
-        self.vms = vms
-        self.clock = clock
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def backoff(self, crashes: int) -> float:
-        """The delay before restart number ``crashes``."""
-        return float(min(MAX_BACKOFF, self.vms.backoff * (2 ** max(0, crashes - 1))))
-
-    def poll(self) -> list[str]:
-        """One round over every VM: note deaths, restart those due, fail crash loops.
-        Returns a line per thing done."""
-        done: list[str] = []
-        connected = self.vms._connected_nodes()
-        for app in self.vms.known_apps():
-            with self.vms._lock:
-                line = self._poll_one(app, connected)
-            if line:
-                done.append(line)
-        return done
-
-    def _poll_one(self, app: str, connected: set[str] | None) -> str | None:
-        guest = self.vms.guest(app)
-        state = VmState.read(guest.state_file)
-        if not state.desired or state.failed is not None:
-            return None
-        now = float(self.clock())
-        forced: str | None = None
-        if guest.running() and not self._app_running(guest, app):
-            # The VM outlived its app (it crashed past its supervisor): a VM without
-            # its app is a crashed VM, so it is stopped and restarted like one.
-            guest.node.stop()
-            forced = f"application {app} stopped in its VM"
-        elif guest.running():
-            entry = _read_entry(guest)
-            if connected is None or entry is None:
-                return None
-            up = self.vms.node_name(entry) in connected
-            if not up:
-                # The host node restarted (or the link broke): the guest's kernel
-                # does not reconnect by itself.
-                up = self.vms.reconnect(entry) is True
-            # A guest that is gone by now lost the link by dying: that is a death
-            # (handled below), not a "node down". A SIGKILLed VM closes its sockets
-            # before its (large) address space is torn down, so give it a moment.
-            if up or not guest.exited_within(EXIT_GRACE):
-                if up != state.connected:
-                    first = state.connected is None
-                    state.connected = up
-                    state.write(guest.state_file)
-                    if not first:
-                        return f"{app}: node {'up' if up else 'down'}"
-                return None
-        if state.restart_at is None:
-            reason = forced or self.vms.death_reason(guest)
-            state.last_exit = reason
-            state.crashes = [t for t in state.crashes if now - t < self.vms.window] + [now]
-            state.connected = False
-            if len(state.crashes) > self.vms.burst:
-                state.failed = reason
-                state.write(guest.state_file)
-                # A failed VM runs nothing: its code is no longer rooted.
-                self.vms.roots.remove("vm", app)
-                return (f"{app}: failed after {len(state.crashes)} crashes in"
-                        f" {self.vms.window:g} s: {reason}")
-            state.restart_at = now + self.backoff(len(state.crashes))
-            state.write(guest.state_file)
-            if state.restart_at > now:
-                return f"{app}: died ({reason}); restart in {state.restart_at - now:.1f} s"
-        if state.restart_at is not None and now >= state.restart_at:
-            state.restart_at = None
-            state.write(guest.state_file)
-            try:
-                self.vms.launch(app)
-            except (BstoreError, OSError) as exc:
-                return f"{app}: restart failed: {exc}"
-            return f"{app}: restarted"
-        return None
-
-    def _app_running(self, guest: Guest, app: str) -> bool:
-        """Whether ``app`` runs in its VM (True when the agent cannot be asked: an
-        unanswering agent is not evidence of a crash)."""
-        try:
-            with guest.client(5.0) as client:
-                return app in {a.name for a in client.which_applications()}
-        except AgentError:
-            return True
-
-    def run(self, interval: float = 0.5) -> threading.Thread:
-        """Poll every ``interval`` seconds in a daemon thread until :meth:`stop`."""
-        def loop() -> None:
-            while not self._stop.wait(interval):
-                with contextlib.suppress(BstoreError, OSError):
-                    self.poll()
-
-        self._thread = threading.Thread(target=loop, name="bstore-vm-supervisor", daemon=True)
-        self._thread.start()
-        return self._thread
-
-    def stop(self) -> None:
-        """End :meth:`run`'s thread."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-
 # -- helpers -------------------------------------------------------------------------------
 
 
@@ -799,35 +572,3 @@ def _standalone(entry: AppEntry) -> AppEntry:
     from dataclasses import replace
 
     return replace(entry, depends_on=())
-
-
-def _read_entry(guest: Guest) -> AppEntry | None:
-    try:
-        manifest = parse_manifest(guest.app_file.read_bytes(), str(guest.app_file))
-    except (OSError, BstoreError):
-        return None
-    return manifest.apps.get(guest.app)
-
-
-def _last_run_log(log: Path, max_bytes: int = 256 * 1024) -> bytes:
-    """The log of the VM's last run (from the last start marker)."""
-    try:
-        with log.open("rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except FileNotFoundError:
-        return b""
-    mark = data.rfind(_START_MARK)
-    return data[mark:] if mark >= 0 else data
-
-
-def _slogan(dump: Path) -> str | None:
-    try:
-        with dump.open("rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return None
-    m = _SLOGAN_RE.search(head)
-    return m.group(1).decode("utf-8", "replace")[:300] if m else None
-
