@@ -44,6 +44,7 @@ from bstore.activators.processes import (
 )
 from bstore.activators.processes import is_running as process_running
 from bstore.errors import BstoreError
+from bstore.store.atomic import replace_file
 
 _PROFILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _NODE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(@[A-Za-z0-9._-]+)?$")
@@ -251,20 +252,8 @@ class HostNode:
             ) from exc
 
     def _write_record(self, record: NodeRecord) -> None:
-        tmp = self.paths.record.with_suffix(".json.tmp")
-        data = json.dumps(asdict(record), indent=1).encode("utf-8")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.paths.record)
-        dir_fd = os.open(self.paths.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_file(self.paths.record, json.dumps(asdict(record), indent=1).encode("utf-8"),
+                     sync_dir=True)
 
     def _clear_record(self) -> None:
         with contextlib.suppress(FileNotFoundError):

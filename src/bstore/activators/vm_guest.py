@@ -20,6 +20,7 @@ from bstore.activators.cgroups import Cgroup, CgroupError
 from bstore.activators.hostnode import HostNode, NodePaths
 from bstore.errors import BstoreError
 from bstore.generations.manifest import AppEntry, parse_manifest
+from bstore.store.atomic import replace_file
 
 _SLOGAN_RE = re.compile(rb"^Slogan: (.*)$", re.MULTILINE)
 # What HostNode writes to the log before each start.
@@ -55,14 +56,7 @@ class VmState:
                            "failed": self.failed, "restart_at": self.restart_at,
                            "last_exit": self.last_exit, "oom_baseline": self.oom_baseline,
                            "connected": self.connected}, indent=1).encode("utf-8")
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        replace_file(path, data)
 
 
 class GuestNode(HostNode):

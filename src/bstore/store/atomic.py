@@ -87,6 +87,23 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def replace_file(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool = False
+                 ) -> None:
+    """Replace ``path`` by a file holding ``data``, durably and atomically: a temp file
+    next to it, fsynced, renamed over it (and with ``sync_dir`` the directory fsynced, so
+    the rename survives a power loss too)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if sync_dir:
+        fsync_path(path.parent)
+
+
 def write_new_file(path: str | bytes, data: bytes, mode: int) -> None:
     """Create ``path`` with ``mode`` (it must not exist, not even as a symlink) and write
     all of ``data`` (no fsync: callers sync the tree or rename a temp file)."""
