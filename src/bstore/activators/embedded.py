@@ -53,7 +53,7 @@ from bstore.activators.base import (
     HealthResult,
 )
 from bstore.activators.gcroots import PreparedRoot, RunningRoots
-from bstore.activators.health import HealthSchedule, probe
+from bstore.activators.health import HealthSchedule, health_deadline, probe, settle_seconds
 from bstore.activators.hostnode import HostNode, HostNodeStatus, NodeRecord
 from bstore.activators.nodeops import (
     app_ebin,
@@ -74,11 +74,6 @@ from bstore.background import in_background
 from bstore.errors import BstoreError
 from bstore.generations.manifest import AppEntry, GenerationManifest, dependency_order
 from bstore.specs.model import Isolation
-
-#: Seconds to wait for an app without a health spec to be running after an action.
-DEFAULT_HEALTH_WAIT = 5.0
-#: A healthy probe is confirmed this many seconds later (catches fast crash loops).
-DEFAULT_SETTLE = 0.3
 
 
 def ensure_agent(root: Path) -> Path:
@@ -380,13 +375,10 @@ class EmbeddedActivator(Activator):
 
     @property
     def _settle(self) -> float:
-        return float(self.context.options.get("health_settle", DEFAULT_SETTLE))
+        return settle_seconds(self.context.options)
 
     def _deadline(self, entry: AppEntry) -> float:
-        option = self.context.options.get("health_timeout")
-        if option is not None:
-            return float(option)
-        return DEFAULT_HEALTH_WAIT if entry.health is None else entry.health.timeout / 1000
+        return health_deadline(self.context.options, entry)
 
     def probe(self, entry: AppEntry) -> HealthResult:
         """One health check of ``entry`` (in its node)."""

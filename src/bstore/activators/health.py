@@ -29,6 +29,7 @@ import httpx
 from bstore.activators.agent_client import AgentClient, AgentError, AgentOpError
 from bstore.activators.base import HealthResult
 from bstore.activators.etf import format_term
+from bstore.generations.manifest import AppEntry
 from bstore.specs.model import HealthSpec, HealthType
 from bstore.specs.terms.model import Atom
 
@@ -36,6 +37,10 @@ from bstore.specs.terms.model import Atom
 LOOPBACK = "127.0.0.1"
 #: Pause between probes while waiting for an app to become healthy.
 RETRY_PAUSE = 0.1
+#: Seconds to wait for an app without a health spec to be running after an action.
+DEFAULT_HEALTH_WAIT = 5.0
+#: A healthy probe is confirmed this many seconds later (catches fast crash loops).
+DEFAULT_SETTLE = 0.3
 _HEALTHY_ANSWERS = (Atom("ok"), Atom("healthy"))
 
 #: A probe: one check of one app, returning its result.
@@ -173,3 +178,18 @@ class HealthSchedule:
     def unhealthy(self) -> Mapping[str, HealthResult]:
         """The apps whose last check failed."""
         return {a: r for a, r in self.last.items() if not r.healthy}
+
+
+def settle_seconds(options: Mapping[str, str]) -> float:
+    """The ``health_settle`` option of an activator (default :data:`DEFAULT_SETTLE`)."""
+    return float(options.get("health_settle", DEFAULT_SETTLE))
+
+
+def health_deadline(options: Mapping[str, str], entry: AppEntry) -> float:
+    """How long to wait for ``entry`` to become healthy after an action: the
+    ``health_timeout`` option, else its health spec's timeout, else
+    :data:`DEFAULT_HEALTH_WAIT`."""
+    option = options.get("health_timeout")
+    if option is not None:
+        return float(option)
+    return DEFAULT_HEALTH_WAIT if entry.health is None else entry.health.timeout / 1000

@@ -98,21 +98,13 @@ class ProcessWatch:
     def __init__(self) -> None:
         self._record: Identified | None = None
         self._fd: int | None = None
-        self._finalizer = weakref.finalize(self, ProcessWatch._close_fd, [None])
-
-    @staticmethod
-    def _close_fd(box: list[int | None]) -> None:
-        if box[0] is not None:
-            with contextlib.suppress(OSError):
-                os.close(box[0])
-            box[0] = None
+        #: Closes the pidfd exactly once: when forgotten, or with the watch.
+        self._closer: weakref.finalize[[int], ProcessWatch] | None = None
 
     def _forget(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-        self._record, self._fd = None, None
-        self._finalizer.detach()
+        if self._closer is not None:
+            self._closer()
+        self._record, self._fd, self._closer = None, None, None
 
     def alive(self, record: Identified) -> bool:
         """Whether the process ``record`` names runs (reaping it if it is our zombie)."""
@@ -126,7 +118,7 @@ class ProcessWatch:
                 os.close(fd)
                 return False
             self._record, self._fd = record, fd
-            self._finalizer = weakref.finalize(self, ProcessWatch._close_fd, [fd])
+            self._closer = weakref.finalize(self, os.close, fd)
         readable, _, _ = select.select([self._fd], [], [], 0)
         if readable:  # it exited
             self._forget()

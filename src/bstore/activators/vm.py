@@ -55,7 +55,7 @@ from bstore.activators.base import (
 from bstore.activators.cgroups import BSTORE_GROUP, Cgroup, CgroupSupport, detect
 from bstore.activators.cookie import cookie_home, resolve_cookie, vm_environment
 from bstore.activators.gcroots import RunningRoots
-from bstore.activators.health import probe
+from bstore.activators.health import health_deadline, probe, settle_seconds
 from bstore.activators.hostnode import HostNode, HostNodeError
 from bstore.activators.nodeops import (
     closure_ebins,
@@ -86,9 +86,6 @@ DEFAULT_WINDOW = 60.0
 DEFAULT_BACKOFF = 0.5
 #: A VM's log lines that mean its allocators ran out of the memory it may use.
 _OOM_RE = re.compile(rb"Cannot allocate \d+ bytes of memory")
-DEFAULT_HEALTH_WAIT = 5.0
-#: A healthy probe is confirmed this many seconds later (catches fast crash loops).
-DEFAULT_SETTLE = 0.3
 
 
 class VmError(BstoreError):
@@ -435,13 +432,10 @@ class VmActivator(Activator):
 
     @property
     def _settle(self) -> float:
-        return float(self.context.options.get("health_settle", DEFAULT_SETTLE))
+        return settle_seconds(self.context.options)
 
     def _deadline(self, entry: AppEntry) -> float:
-        option = self.context.options.get("health_timeout")
-        if option is not None:
-            return float(option)
-        return DEFAULT_HEALTH_WAIT if entry.health is None else entry.health.timeout / 1000
+        return health_deadline(self.context.options, entry)
 
     def current_state(self) -> Mapping[str, RunningState]:
         """Each VM app: running (with cluster connection), stopped, or failed (why)."""

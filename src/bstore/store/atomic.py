@@ -389,6 +389,15 @@ def _parallel(fn: Callable[[_T], None], items: list[_T], shown_root: str,
                 errors.append(exc)
                 failed.set()
 
+    run_on_threads(work, workers)
+    if errors:
+        raise errors[0]
+
+
+def run_on_threads(work: Callable[[int], None], workers: int) -> None:
+    """Run ``work(0)`` … ``work(workers - 1)`` at once: worker 0 in the calling thread,
+    the others on threads of their own; return when all are done. ``work`` catches its
+    own errors (each caller reports them its way)."""
     threads = [threading.Thread(target=work, args=(i,), daemon=True)
                for i in range(1, workers)]
     for t in threads:
@@ -396,8 +405,6 @@ def _parallel(fn: Callable[[_T], None], items: list[_T], shown_root: str,
     work(0)
     for t in threads:
         t.join()
-    if errors:
-        raise errors[0]
 
 
 def _make_dirs(dirs: list[tuple[bytes, bytes]], shown_root: str) -> None:

@@ -15,12 +15,11 @@ temp-roots files, and ``links/`` entries no store file shares any more.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bstore.store.atomic import remove_tree
+from bstore.store.atomic import remove_tree, run_on_threads
 from bstore.store.crash import crash_point
 from bstore.store.local import LocalStore, topo_order
 from bstore.store.locks import gc_exclusive, read_temp_roots
@@ -143,16 +142,7 @@ def _delete_all(store_b: bytes, batch: list[str]) -> list[tuple[str, int]]:
         except BaseException as exc:  # re-raised in the caller below
             errors.append(exc)
 
-    if workers == 1:
-        work(0)
-    else:
-        threads = [threading.Thread(target=work, args=(i,), daemon=True)
-                   for i in range(1, workers)]
-        for t in threads:
-            t.start()
-        work(0)
-        for t in threads:
-            t.join()
+    run_on_threads(work, workers)
     if errors:
         raise errors[0]
     return [item for share in results for item in share]

@@ -32,6 +32,7 @@ import blake3
 
 from bstore.errors import BstoreError
 from bstore.store.archive_meta import DEFAULT_MAX_BYTES, PathMeta
+from bstore.store.atomic import run_on_threads
 from bstore.store.local import LocalStore
 from bstore.store.manifest import (
     MANIFEST_HEADER,
@@ -321,13 +322,7 @@ def _hash_lines(files: list[tuple[bytes, bytes, os.stat_result]],
         except (OSError, _NotInManifest):
             failed.set()
 
-    threads = [threading.Thread(target=work, args=(i,), daemon=True)
-               for i in range(1, workers)]
-    for t in threads:
-        t.start()
-    work(0)
-    for t in threads:
-        t.join()
+    run_on_threads(work, workers)
     if failed.is_set():
         return False
     for share in shares:
